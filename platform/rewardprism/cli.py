@@ -1,0 +1,91 @@
+"""`rewardprism` command line: one sub-command per job, each a thin shell over the library."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rewardprism.data import DataError, DatasetSummary
+
+app = typer.Typer(help="RewardPrism: decomposed, personalized reward models.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+
+
+@app.callback()
+def main() -> None:
+    """Sub-commands: embed, decompose, adapt, evaluate, train, serve, db, users, keys, models."""
+
+
+def fail(message: str) -> None:
+    """A user error: one clear line on stderr and exit code 2, no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def load_dataset_arg(dataset: str, *, split: str, fmt: str, limit: Optional[int], group: Optional[str],
+                     synthetic_per_user: int, seed: int):
+    """`synthetic` means the built-in generator; anything else is a file, folder or hub name."""
+    from rewardprism.data import iter_pairs
+    from rewardprism.synthetic import SyntheticGenerator
+
+    if dataset == "synthetic":
+        pairs = SyntheticGenerator(seed).dataset(synthetic_per_user)
+        return iter(pairs[:limit] if limit is not None else pairs)
+    return iter_pairs(dataset, split=split, fmt=fmt, limit=limit, group=group)
+
+
+@app.command()
+def embed(
+    dataset: str = typer.Option("synthetic", help="'synthetic', a json/jsonl(.gz)/parquet file or folder, "
+                                                  "or a Hugging Face dataset name"),
+    out: Path = typer.Option(..., help="output folder (resumable: reruns skip finished shards)"),
+    backbone: str = typer.Option("minilm", help="minilm, smollm2, tiny-bert, tiny-llama, a folder, a .gguf "
+                                                "file or a hub name"),
+    split: str = typer.Option("train", help="split, for hub datasets"),
+    fmt: str = typer.Option("auto", "--format", help="auto, canonical, trl, hh-rlhf, alpaca-eval"),
+    group: Optional[str] = typer.Option(None, help="group for pairs that carry none"),
+    limit: Optional[int] = typer.Option(None, min=1, help="embed only the first N pairs"),
+    max_length: int = typer.Option(512, min=8, help="tokens per text; longer texts are truncated"),
+    token_budget: int = typer.Option(16384, min=1, help="padded tokens per forward batch"),
+    max_batch: int = typer.Option(64, min=1, help="texts per forward batch, at most"),
+    shard_size: int = typer.Option(4096, min=1, help="pairs per shard on disk"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    ray: bool = typer.Option(False, "--ray", help="run on the Ray cluster (Ray Data, an actor pool)"),
+    num_actors: int = typer.Option(2, min=1, help="actors, with --ray"),
+    synthetic_per_user: int = typer.Option(500, min=1, help="pairs per simulated user, for 'synthetic'"),
+    seed: int = typer.Option(0, help="seed of the synthetic generator"),
+) -> None:
+    """Embed every pair's chosen and rejected response with a backbone, streaming shards to disk."""
+    from rewardprism.backbone import load_backbone
+    from rewardprism.embed import EmbeddingSet, embed_pairs
+
+    try:
+        pairs = load_dataset_arg(dataset, split=split, fmt=fmt, limit=limit, group=group,
+                                 synthetic_per_user=synthetic_per_user, seed=seed)
+        if ray:
+            import ray as ray_lib
+
+            from rewardprism.embed_ray import embed_pairs_ray
+
+            ray_lib.init(ignore_reinit_error=True)
+            dim = load_backbone(backbone, max_length=max_length, device="cpu").dim
+            report = embed_pairs_ray(pairs, backbone, out, dim=dim, num_actors=num_actors, shard_size=shard_size,
+                                     max_length=max_length, token_budget=token_budget, max_batch=max_batch,
+                                     dataset=dataset)
+        else:
+            model = load_backbone(backbone, max_length=max_length, device=device)
+            report = embed_pairs(pairs, model, out, shard_size=shard_size, token_budget=token_budget,
+                                 max_batch=max_batch, dataset=dataset)
+    except (DataError, FileNotFoundError) as exc:
+        fail(str(exc))
+    summary = DatasetSummary.of(EmbeddingSet(out).pairs())
+    typer.echo(json.dumps({"out": str(out), "pairs": report.n_pairs, "prompts": summary.n_prompts,
+                           "groups": summary.groups, "tokens_embedded": report.tokens,
+                           "tokens_per_s": round(report.tokens_per_s, 1), "shards_written": report.shards_written,
+                           "shards_reused": report.shards_reused}, indent=1))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,260 @@
+"""Embedding extraction: φ(x, chosen) and φ(x, rejected) for every pair, streamed to disk.
+
+Speed comes from padding less: texts are tokenized once, sorted by length and cut into batches under a token
+budget (`max_len × batch ≤ budget`), so a batch holds texts of nearly one length. Memory stays flat because
+pairs are read and written one shard at a time. A shard is skipped on a rerun when its pairs and backbone are
+unchanged, so an interrupted run resumes where it stopped.
+
+Layout of an embedding folder:
+    index.json               backbone, dim, shards [{file, start, stop, fingerprint, tokens}], n_pairs
+    shard-00000.safetensors  "chosen" (n, d) and "rejected" (n, d), float32
+    pairs.jsonl.gz           the pairs themselves (groups, annotators and prompts for evaluation)
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from rewardprism.backbone import Backbone
+from rewardprism.data import PreferencePair, load_pairs, render
+
+INDEX = "index.json"
+PAIRS = "pairs.jsonl.gz"
+
+
+def token_budget_batches(lengths: np.ndarray, token_budget: int, max_batch: int) -> list[np.ndarray]:
+    """Indices of batches, longest first, each with `len(batch) × its longest ≤ token_budget`."""
+    if token_budget < 1 or max_batch < 1:
+        raise ValueError("token_budget and max_batch must be positive")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, min(max_batch, token_budget // max(int(lengths[order[start]]), 1)))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+class EmbeddingExtractor:
+    """Batched, length-sorted forward passes of a backbone under `torch.inference_mode`."""
+
+    def __init__(self, backbone: Backbone, token_budget: int = 16384, max_batch: int = 64):
+        self.backbone, self.token_budget, self.max_batch = backbone, token_budget, max_batch
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.backbone.tokenizer(texts, truncation=True, max_length=self.backbone.max_length,
+                                       padding=False, return_attention_mask=False)["input_ids"]
+
+    def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """(len(texts), d) float32 features in input order, and the number of real tokens read."""
+        ids = self.tokenize(texts)
+        return self.embed_ids(ids), sum(map(len, ids))
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        out = np.empty((len(ids), self.backbone.dim), dtype=np.float32)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        for batch in token_budget_batches(lengths, self.token_budget, self.max_batch):
+            input_ids, mask = self.pad([ids[i] for i in batch])
+            out[batch] = self.backbone(input_ids, mask).float().cpu().numpy()
+        return out
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids and mask, padded on the tokenizer's side, built directly on the backbone's device."""
+        width = max(map(len, rows))
+        tok = self.backbone.tokenizer
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        left = tok.padding_side == "left"
+        for r, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[r, span] = torch.tensor(row)
+            mask[r, span] = 1
+        device = self.backbone.device
+        return input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+    def embed_pairs(self, pairs: list[PreferencePair]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Chosen and rejected features, (n, d) each; both sides share one length-sorted pass."""
+        tok = self.backbone.tokenizer
+        texts = [render(p.prompt, p.chosen, tok) for p in pairs] + [render(p.prompt, p.rejected, tok)
+                                                                    for p in pairs]
+        feats, tokens = self.embed_texts(texts)
+        return feats[:len(pairs)], feats[len(pairs):], tokens
+
+
+def shard_fingerprint(backbone_name: str, max_length: int, pairs: list[PreferencePair]) -> str:
+    h = hashlib.sha1(f"{backbone_name}|{max_length}".encode())
+    for p in pairs:
+        h.update(json.dumps(p.to_row(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Writes shards and the index atomically, so a crash never leaves a half-written shard listed."""
+
+    def __init__(self, out_dir: str | Path, backbone_name: str, dim: int, dataset: str = ""):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        previous = json.loads((self.out / INDEX).read_text()) if (self.out / INDEX).exists() else {}
+        same = previous.get("backbone") == backbone_name and previous.get("dim") == dim
+        self.done = {s["fingerprint"]: s for s in previous.get("shards", [])} if same else {}
+        self.index = {"backbone": backbone_name, "dim": dim, "dataset": dataset, "shards": [], "n_pairs": 0}
+
+    def has(self, number: int, fingerprint: str) -> bool:
+        old = self.done.get(fingerprint)
+        return old is not None and old["file"] == _shard_name(number) and (self.out / old["file"]).exists()
+
+    def reuse(self, fingerprint: str) -> None:
+        self._add(self.done[fingerprint])
+
+    def write(self, number: int, fingerprint: str, chosen: np.ndarray, rejected: np.ndarray,
+              tokens: int) -> None:
+        name = _shard_name(number)
+        tmp = self.out / f".{name}.tmp"
+        save_file({"chosen": np.ascontiguousarray(chosen), "rejected": np.ascontiguousarray(rejected)}, tmp)
+        os.replace(tmp, self.out / name)
+        self._add({"file": name, "start": 0, "stop": len(chosen), "fingerprint": fingerprint, "tokens": tokens})
+
+    def _add(self, shard: dict) -> None:
+        """Append a shard at the current end of the index (a reused shard keeps its size, not its offset)."""
+        shard = {**shard, "start": self.index["n_pairs"],
+                 "stop": self.index["n_pairs"] + shard["stop"] - shard["start"]}
+        self.index["shards"].append(shard)
+        self.index["n_pairs"] = shard["stop"]
+        _atomic_write(self.out / INDEX, json.dumps(self.index, indent=1))
+
+
+def _shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def chunked(pairs: Iterable[PreferencePair], size: int) -> Iterator[list[PreferencePair]]:
+    it = iter(pairs)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+@dataclass
+class EmbedReport:
+    n_pairs: int
+    tokens: int
+    seconds: float
+    shards_written: int
+    shards_reused: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+EmbedChunks = Callable[[Iterator[list[PreferencePair]]], Iterator[tuple[np.ndarray, np.ndarray, int]]]
+
+
+def embed_pairs(pairs: Iterable[PreferencePair], backbone: Backbone, out_dir: str | Path, *,
+                shard_size: int = 4096, token_budget: int = 16384, max_batch: int = 64, dataset: str = "",
+                progress: bool = True) -> EmbedReport:
+    """Embed a stream of pairs into `out_dir` shard by shard; reruns skip shards already written."""
+    extractor = EmbeddingExtractor(backbone, token_budget, max_batch)
+    return write_embeddings(chunked(pairs, shard_size), ShardWriter(out_dir, backbone.name, backbone.dim, dataset),
+                            backbone.max_length, lambda todo: map(extractor.embed_pairs, todo), progress)
+
+
+def write_embeddings(chunks: Iterable[list[PreferencePair]], writer: ShardWriter, max_length: int,
+                     embed_chunks: EmbedChunks, progress: bool = True) -> EmbedReport:
+    """The loop the local and the Ray paths share: fingerprint each shard, reuse it or embed it, write.
+
+    `embed_chunks` maps the stream of shards that need work to their features, in order; a lazy map keeps
+    one shard in memory (`tee` buffers only the shards between the two cursors).
+    """
+    start, tokens, written, reused = time.perf_counter(), 0, 0, 0
+    name = writer.index["backbone"]
+    plan = ((number, chunk, shard_fingerprint(name, max_length, chunk))
+            for number, chunk in enumerate(chunks))
+    plan = ((number, chunk, fp, writer.has(number, fp)) for number, chunk, fp in plan)
+    ahead, behind = itertools.tee(plan)
+    results = embed_chunks(chunk for _, chunk, _, reuse in ahead if not reuse)
+    pairs_file = writer.out / f".{PAIRS}.tmp"
+    with tqdm(unit="pair", desc="embedding", disable=not progress) as bar, _PairsAppender(pairs_file) as pairs_out:
+        for number, chunk, fingerprint, reuse in behind:
+            if reuse:
+                writer.reuse(fingerprint)
+                reused += 1
+            else:
+                chosen, rejected, n_tokens = next(results)
+                writer.write(number, fingerprint, chosen, rejected, n_tokens)
+                tokens += n_tokens
+                written += 1
+            pairs_out.add(chunk)
+            bar.update(len(chunk))
+    os.replace(pairs_file, writer.out / PAIRS)
+    return EmbedReport(writer.index["n_pairs"], tokens, time.perf_counter() - start, written, reused)
+
+
+class _PairsAppender:
+    def __init__(self, path: Path):
+        import gzip
+
+        self.file = gzip.open(path, "wt", encoding="utf-8")
+
+    def add(self, pairs: list[PreferencePair]) -> None:
+        for pair in pairs:
+            self.file.write(json.dumps(pair.to_row()) + "\n")
+
+    def __enter__(self) -> "_PairsAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+class EmbeddingSet:
+    """Read side of an embedding folder: shards one at a time (streaming) or everything at once."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / INDEX).exists():
+            raise FileNotFoundError(f"{self.path} is not an embedding folder (no {INDEX}); run `rewardprism embed`")
+        self.index = json.loads((self.path / INDEX).read_text())
+
+    @property
+    def backbone(self) -> str:
+        return self.index["backbone"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.index["dim"])
+
+    def __len__(self) -> int:
+        return int(self.index["n_pairs"])
+
+    def shards(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for shard in self.index["shards"]:
+            tensors = load_file(self.path / shard["file"])
+            yield tensors["chosen"], tensors["rejected"]
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """All chosen and rejected features, (N, d) each — for evaluation-sized sets."""
+        parts = list(self.shards())
+        if not parts:
+            return np.empty((0, self.dim), np.float32), np.empty((0, self.dim), np.float32)
+        return np.concatenate([c for c, _ in parts]), np.concatenate([r for _, r in parts])
+
+    def pairs(self) -> list[PreferencePair]:
+        return load_pairs(self.path / PAIRS, fmt="canonical")

@@ -1,0 +1,66 @@
+"""The embedding extractor across a Ray cluster: Ray Data `map_batches` over an actor pool.
+
+Each actor loads the backbone once and runs the same `EmbeddingExtractor` as the local path on whole shards;
+the driver writes shards in order through the same `write_embeddings` loop, so the folder is identical to a
+local run's (and either can resume the other's).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from rewardprism.backbone import load_backbone
+from rewardprism.data import PreferencePair
+from rewardprism.embed import EmbedReport, EmbeddingExtractor, ShardWriter, chunked, write_embeddings
+
+
+class ShardEmbedder:
+    """Ray Data actor: one backbone per actor, one shard per row."""
+
+    def __init__(self, backbone: str, max_length: int, token_budget: int, max_batch: int, device: str | None):
+        self.extractor = EmbeddingExtractor(load_backbone(backbone, max_length=max_length, device=device),
+                                            token_budget, max_batch)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chosen, rejected, tokens = [], [], []
+        for rows in batch["pairs"]:
+            c, r, t = self.extractor.embed_pairs([PreferencePair.from_row(row) for row in rows])
+            chosen.append(c)
+            rejected.append(r)
+            tokens.append(t)
+        return {"chosen": _objects(chosen), "rejected": _objects(rejected), "tokens": np.array(tokens)}
+
+
+def _objects(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def embed_pairs_ray(pairs: Iterable[PreferencePair], backbone: str, out_dir: str | Path, *, dim: int,
+                    num_actors: int = 2, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
+                    shard_size: int = 1024, max_length: int = 512, token_budget: int = 16384,
+                    max_batch: int = 64, dataset: str = "", progress: bool = True) -> EmbedReport:
+    """Embed on the current Ray cluster (`ray.init()` first, or it starts a local one)."""
+    import ray
+
+    def embed_chunks(todo: Iterator[list[PreferencePair]]) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        shards = [[p.to_row() for p in chunk] for chunk in todo]
+        if not shards:
+            return
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # shards come back in the order they are written
+        ds = ray.data.from_items([{"pairs": rows} for rows in shards], override_num_blocks=len(shards))
+        out = ds.map_batches(
+            ShardEmbedder, batch_size=1, concurrency=min(num_actors, len(shards)),
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+            fn_constructor_kwargs=dict(backbone=backbone, max_length=max_length, token_budget=token_budget,
+                                       max_batch=max_batch, device="cuda" if gpus_per_actor else None),
+        )
+        for row in out.iter_rows():
+            yield row["chosen"], row["rejected"], int(row["tokens"])
+
+    writer = ShardWriter(out_dir, backbone, dim, dataset)
+    return write_embeddings(chunked(pairs, shard_size), writer, max_length, embed_chunks, progress)

@@ -1,0 +1,117 @@
+"""A head set: H linear reward heads over a backbone's features, and the profiles that combine them.
+
+DRM's principal directions and VRM's objective scores are both head sets: scores S = φ Wᵀ + b, (N, H). A
+user's profile is a weight vector over those heads plus a bias, so one personalized score is S · w + c.
+Serving, storage and adaptation see only this shape, whichever method made the heads.
+
+Saved as a folder: `heads.safetensors` (weight (H, d), bias (H,), default_weights (H,)) and `headset.json`
+(name, version, kind, backbone, dim, num_heads, head_names, default_weights, content_hash, created, dataset,
+and method-specific `info` such as explained variance). The content hash covers the tensors and the fields
+that change scores, so a registry can tell two versions apart.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+Kind = Literal["drm", "vrm", "bt"]
+META = "headset.json"
+TENSORS = "heads.safetensors"
+
+
+@dataclass
+class HeadSet:
+    weight: np.ndarray  # (H, d)
+    bias: np.ndarray  # (H,)
+    head_names: list[str]
+    kind: Kind
+    backbone: str
+    default_weights: np.ndarray  # (H,) the population profile: what a user with no feedback gets
+    name: str = "default"
+    version: str = "1"
+    dataset: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, dtype=np.float32)
+        self.bias = np.asarray(self.bias, dtype=np.float32)
+        self.default_weights = np.asarray(self.default_weights, dtype=np.float32)
+        h = self.weight.shape[0]
+        if self.weight.ndim != 2 or self.bias.shape != (h,) or self.default_weights.shape != (h,) \
+                or len(self.head_names) != h:
+            raise ValueError(f"inconsistent head set: weight {self.weight.shape}, bias {self.bias.shape}, "
+                             f"default_weights {self.default_weights.shape}, {len(self.head_names)} names")
+        if not (np.isfinite(self.weight).all() and np.isfinite(self.bias).all()
+                and np.isfinite(self.default_weights).all()):
+            raise ValueError("head set holds NaN or inf")
+
+    @property
+    def num_heads(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """(N, d) features → (N, H) head scores."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features must be (N, {self.dim}) for this head set, got {features.shape}")
+        return features @ self.weight.T + self.bias
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for array in (self.weight, self.bias, self.default_weights):
+            h.update(np.ascontiguousarray(array).tobytes())
+        h.update(json.dumps([self.kind, self.backbone, self.head_names]).encode())
+        return h.hexdigest()[:16]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "kind": self.kind, "backbone": self.backbone,
+                "dim": self.dim, "num_heads": self.num_heads, "head_names": self.head_names,
+                "default_weights": self.default_weights.tolist(), "content_hash": self.content_hash,
+                "created": self.created, "dataset": self.dataset, "info": self.info}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".{TENSORS}.tmp"
+        save_file({"weight": self.weight, "bias": self.bias, "default_weights": self.default_weights}, tmp)
+        os.replace(tmp, path / TENSORS)
+        (path / f".{META}.tmp").write_text(json.dumps(self.metadata(), indent=1))
+        os.replace(path / f".{META}.tmp", path / META)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadSet":
+        path = Path(path)
+        if not (path / META).exists():
+            raise FileNotFoundError(f"{path} is not a head set folder (no {META})")
+        meta = json.loads((path / META).read_text())
+        tensors = load_file(path / TENSORS)
+        heads = cls(tensors["weight"], tensors["bias"], meta["head_names"], meta["kind"], meta["backbone"],
+                    tensors["default_weights"], meta["name"], meta["version"], meta.get("dataset", ""),
+                    meta.get("info", {}), meta["created"])
+        if heads.content_hash != meta["content_hash"]:
+            raise ValueError(f"{path}: content hash mismatch (files changed after saving)")
+        return heads
+
+
+def personalized_scores(head_scores: np.ndarray, weights: np.ndarray, bias: np.ndarray | float = 0.0) -> np.ndarray:
+    """Σ_h w_h s_h + c for each row; `weights` is (H,) for one profile or (N, H) for one profile per row."""
+    head_scores = np.asarray(head_scores)
+    weights = np.asarray(weights)
+    if weights.ndim == 1:
+        return head_scores @ weights + bias
+    return np.einsum("nh,nh->n", head_scores, weights) + bias
