@@ -14,6 +14,7 @@ Specs accepted by `load_backbone`:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 from typing import Literal
@@ -55,6 +56,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.pooling, self.max_length = pooling, max_length
+        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
 
     @property
     def dim(self) -> int:
@@ -69,7 +71,11 @@ class Backbone(nn.Module):
                               return_tensors="pt")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        # Positions count real tokens only, so a left-padded text gets the positions it has unpadded
+        # (models with absolute position embeddings, like BERT, would otherwise shift).
+        extra = {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0)} \
+            if self.takes_position_ids else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         return pool(out.last_hidden_state, attention_mask, self.pooling)  # (B, d)
 
     @torch.inference_mode()

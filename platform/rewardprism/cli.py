@@ -24,8 +24,9 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def load_dataset_arg(dataset: str, *, split: str, fmt: str, limit: Optional[int], group: Optional[str],
-                     synthetic_per_user: int, seed: int):
+def load_dataset_arg(dataset: str, *, split: str = "train", fmt: str = "auto", limit: Optional[int] = None,
+                     group: Optional[str] = None, synthetic_per_user: int = 500, seed: int = 0,
+                     skip_bad_rows: bool = False):
     """`synthetic` means the built-in generator; anything else is a file, folder or hub name."""
     from rewardprism.data import iter_pairs
     from rewardprism.synthetic import SyntheticGenerator
@@ -33,7 +34,7 @@ def load_dataset_arg(dataset: str, *, split: str, fmt: str, limit: Optional[int]
     if dataset == "synthetic":
         pairs = SyntheticGenerator(seed).dataset(synthetic_per_user)
         return iter(pairs[:limit] if limit is not None else pairs)
-    return iter_pairs(dataset, split=split, fmt=fmt, limit=limit, group=group)
+    return iter_pairs(dataset, split=split, fmt=fmt, limit=limit, group=group, skip_bad_rows=skip_bad_rows)
 
 
 @app.command()
@@ -47,6 +48,7 @@ def embed(
     fmt: str = typer.Option("auto", "--format", help="auto, canonical, trl, hh-rlhf, alpaca-eval"),
     group: Optional[str] = typer.Option(None, help="group for pairs that carry none"),
     limit: Optional[int] = typer.Option(None, min=1, help="embed only the first N pairs"),
+    skip_bad_rows: bool = typer.Option(False, help="log and leave out malformed rows instead of stopping"),
     max_length: int = typer.Option(512, min=8, help="tokens per text; longer texts are truncated"),
     token_budget: int = typer.Option(16384, min=1, help="padded tokens per forward batch"),
     max_batch: int = typer.Option(64, min=1, help="texts per forward batch, at most"),
@@ -63,7 +65,7 @@ def embed(
 
     try:
         pairs = load_dataset_arg(dataset, split=split, fmt=fmt, limit=limit, group=group,
-                                 synthetic_per_user=synthetic_per_user, seed=seed)
+                                 synthetic_per_user=synthetic_per_user, seed=seed, skip_bad_rows=skip_bad_rows)
         if ray:
             import ray as ray_lib
 

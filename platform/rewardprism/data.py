@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import itertools
 import hashlib
+import itertools
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 Prompt = str | list[Message]
@@ -283,24 +286,26 @@ def from_alpaca_eval_row(row: dict[str, Any], *, source: str, index: int) -> Pre
 # ----------------------------------------------------------------------------------------------- entry point
 
 def load_pairs(spec: str | Path, *, split: str = "train", fmt: str = "auto", limit: int | None = None,
-               group: str | None = None) -> list[PreferencePair]:
+               group: str | None = None, skip_bad_rows: bool = False) -> list[PreferencePair]:
     """Load preference pairs from a local file, a folder of files, or a Hugging Face dataset name.
 
     `fmt` is one of auto, canonical, trl, hh-rlhf, alpaca-eval; auto picks by each row's fields.
-    `group` sets the group of pairs that carry none (e.g. "harmless").
+    `group` sets the group of pairs that carry none (e.g. "harmless"). A bad row raises `DataError` naming
+    file, row and field; with `skip_bad_rows` it is logged and left out instead (real corpora have a few:
+    HH-RLHF harmless-base test has 5 transcripts whose two sides differ before the final turn).
     """
-    return list(iter_pairs(spec, split=split, fmt=fmt, limit=limit, group=group))
+    return list(iter_pairs(spec, split=split, fmt=fmt, limit=limit, group=group, skip_bad_rows=skip_bad_rows))
 
 
 def iter_pairs(spec: str | Path, *, split: str = "train", fmt: str = "auto", limit: int | None = None,
-               group: str | None = None) -> Iterator[PreferencePair]:
+               group: str | None = None, skip_bad_rows: bool = False) -> Iterator[PreferencePair]:
     """`load_pairs` as a stream, so embedding a large dataset never holds it all in memory."""
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p))
         if not files:
             raise DataError("folder holds no .json/.jsonl/.parquet files", source=str(path))
-        stream = (p for f in files for p in iter_pairs(f, fmt=fmt, group=group))
+        stream = (p for f in files for p in iter_pairs(f, fmt=fmt, group=group, skip_bad_rows=skip_bad_rows))
         yield from (stream if limit is None else itertools.islice(stream, limit))
         return
     if path.exists():
@@ -316,8 +321,14 @@ def iter_pairs(spec: str | Path, *, split: str = "train", fmt: str = "auto", lim
     for index, row in rows:
         if limit is not None and count >= limit:
             return
-        kind = fmt if fmt != "auto" else _detect(row, source, index)
-        pair = _PARSERS[kind](row, source=source, index=index)
+        try:
+            kind = fmt if fmt != "auto" else _detect(row, source, index)
+            pair = _PARSERS[kind](row, source=source, index=index)
+        except DataError as exc:
+            if not skip_bad_rows:
+                raise
+            log.warning("skipped bad row: %s", exc)
+            continue
         if pair is None:
             continue
         if group is not None and pair.group is None:
@@ -345,7 +356,7 @@ def _hub_rows(name: str, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
 def _detect(row: dict[str, Any], source: str, index: int) -> str:
     if "output_1" in row and "preference" in row:
         return "alpaca-eval"
-    if "chosen" in row and "rejected" in row:
+    if "chosen" in row or "rejected" in row:  # a preference row; the parser names what is missing
         return "canonical" if set(row) <= set(PreferencePair.__dataclass_fields__) and isinstance(
             row.get("chosen"), str) and "prompt" in row else "trl"
     raise DataError(f"unrecognized record with fields {sorted(row)[:8]}; expected prompt/chosen/rejected "

@@ -1,0 +1,99 @@
+"""Token-budget batching, streaming shards that resume, and the Ray Data path giving the same folder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from rewardprism.backbone import load_backbone
+from rewardprism.cli import app
+from rewardprism.data import render
+from rewardprism.embed import EmbeddingSet, embed_pairs, token_budget_batches
+from rewardprism.synthetic import SyntheticGenerator
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny-bert", device="cpu", max_length=64)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return SyntheticGenerator(1).dataset(10)  # 40 pairs, 4 groups
+
+
+def test_token_budget_batches_cover_everything_within_budget():
+    lengths = np.random.default_rng(0).integers(1, 300, size=500)
+    batches = token_budget_batches(lengths, token_budget=2048, max_batch=32)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    for batch in batches:
+        assert len(batch) <= 32 and (len(batch) == 1 or len(batch) * lengths[batch].max() <= 2048)
+    longest_first = [lengths[b].max() for b in batches]
+    assert longest_first == sorted(longest_first, reverse=True)
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert padded < 1.1 * lengths.sum()  # sorting keeps padding small
+
+
+def test_embed_pairs_matches_direct_encoding_and_resumes(tmp_path, tiny, pairs):
+    report = embed_pairs(pairs, tiny, tmp_path, shard_size=16, token_budget=256, progress=False)
+    assert (report.n_pairs, report.shards_written, report.shards_reused) == (40, 3, 0)
+    emb = EmbeddingSet(tmp_path)
+    chosen, rejected = emb.load()
+    assert chosen.shape == rejected.shape == (40, tiny.dim) and len(emb) == 40 and emb.backbone == "tiny-bert"
+    direct = tiny.encode([render(p.prompt, p.chosen, tiny.tokenizer) for p in pairs[:5]]).numpy()
+    np.testing.assert_allclose(chosen[:5], direct, atol=1e-5)
+    assert emb.pairs() == pairs
+    assert [len(c) for c, _ in emb.shards()] == [16, 16, 8]
+
+    # an unchanged rerun reuses every shard; changing one pair rewrites only its shard
+    again = embed_pairs(pairs, tiny, tmp_path, shard_size=16, progress=False)
+    assert (again.shards_written, again.shards_reused, again.tokens) == (0, 3, 0)
+    edited = list(pairs)
+    edited[20] = dataclasses.replace(edited[20], chosen="something else entirely")
+    third = embed_pairs(edited, tiny, tmp_path, shard_size=16, progress=False)
+    assert (third.shards_written, third.shards_reused) == (1, 2)
+    new_chosen, _ = EmbeddingSet(tmp_path).load()
+    assert not np.allclose(new_chosen[20], chosen[20]) and np.allclose(new_chosen[:16], chosen[:16])
+
+
+def test_interrupted_run_resumes_from_finished_shards(tmp_path, tiny, pairs):
+    def failing_stream():
+        yield from pairs[:32]
+        raise KeyboardInterrupt  # the job dies after two full shards were written
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_pairs(failing_stream(), tiny, tmp_path, shard_size=16, progress=False)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["n_pairs"] == 32 and not list(tmp_path.glob(".*.tmp*safetensors"))
+    report = embed_pairs(pairs, tiny, tmp_path, shard_size=16, progress=False)
+    assert (report.shards_reused, report.shards_written, report.n_pairs) == (2, 1, 40)
+
+
+def test_ray_data_path_equals_local(tmp_path, ray_cluster, tiny, pairs):
+    from rewardprism.embed_ray import embed_pairs_ray
+
+    local = embed_pairs(pairs, tiny, tmp_path / "local", shard_size=16, progress=False)
+    remote = embed_pairs_ray(pairs, "tiny-bert", tmp_path / "ray", dim=tiny.dim, num_actors=2, shard_size=16,
+                             max_length=64, progress=False)
+    assert remote.n_pairs == local.n_pairs and remote.shards_written == 3
+    for (c1, r1), (c2, r2) in zip(EmbeddingSet(tmp_path / "local").shards(), EmbeddingSet(tmp_path / "ray").shards()):
+        np.testing.assert_allclose(c1, c2, atol=1e-5)
+        np.testing.assert_allclose(r1, r2, atol=1e-5)
+    # the local path resumes what the Ray path wrote
+    assert embed_pairs(pairs, tiny, tmp_path / "ray", shard_size=16, progress=False).shards_reused == 3
+
+
+def test_cli_embed_reports_and_names_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["embed", "--backbone", "tiny-llama", "--out", str(tmp_path / "e"),
+                                 "--synthetic-per-user", "3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["pairs"] == 12 and set(summary["groups"]) == {"majority", "concise", "playful", "cautious"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": 1}\n')
+    result = runner.invoke(app, ["embed", "--backbone", "tiny-llama", "--dataset", str(bad), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "row 0, field 'rejected'" in result.output
