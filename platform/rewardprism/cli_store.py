@@ -1,0 +1,494 @@
+"""Admin commands over the store: `rewardprism db | users | keys | models ...`.
+
+Each command runs in one transaction; those that change something, or read a user's data out, write an
+audit-log entry in that same transaction. The database is `--database-url`, else $DATABASE_URL, else
+sqlite:///rewardprism.db in the working directory; it is only ever shown with its password masked.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, NoReturn
+
+import sqlalchemy as sa
+import typer
+from sqlalchemy.orm import Session
+
+from rewardprism.store import (
+    SCOPES,
+    Feedback,
+    HeadSet,
+    StoreError,
+    StoreSettings,
+    User,
+    activate_head_set,
+    create_api_key,
+    create_user,
+    delete_user,
+    export_user,
+    get_head_set,
+    get_user,
+    import_user,
+    list_api_keys,
+    list_head_sets,
+    list_users,
+    make_engine,
+    make_sessions,
+    migrate,
+    record_audit,
+    register_head_set,
+    reset_profile,
+    revoke_api_key,
+    safe_url,
+    save_profile,
+    set_user_disabled,
+)
+
+db_app = typer.Typer(help="The database schema (Alembic migrations).", no_args_is_help=True)
+users_app = typer.Typer(help="Users, their profiles and feedback.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for clients and admins.", no_args_is_help=True)
+models_app = typer.Typer(help="The head-set registry: which saved heads are served.", no_args_is_help=True)
+
+
+@dataclass(frozen=True)
+class _Admin:
+    settings: StoreSettings
+    actor: str  # recorded in the audit log
+
+
+def _connect(
+    ctx: typer.Context,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", show_default=False,
+        help="SQLAlchemy URL; default: $DATABASE_URL, else sqlite:///rewardprism.db in the working directory",
+    )] = None,
+    actor: Annotated[str | None, typer.Option(
+        help="who is acting, for the audit log; default: $RP_ACTOR or your login")] = None,
+) -> None:
+    try:
+        settings = StoreSettings.from_env(database_url)
+    except StoreError as exc:
+        _fail(str(exc))
+    ctx.obj = _Admin(settings, actor or os.environ.get("RP_ACTOR") or getpass.getuser())
+
+
+for _sub in (db_app, users_app, keys_app, models_app):
+    _sub.callback()(_connect)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """A user error: one line on stderr and exit code 2 (as in rewardprism.cli), no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors(settings: StoreSettings) -> Iterator[None]:
+    """Store and database errors as one line each; the URL shown has its password masked."""
+    try:
+        yield
+    except StoreError as exc:
+        _fail(str(exc))
+    except sa.exc.DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        _fail(f"database {safe_url(settings.database_url)}: {reason} "
+              "(is it reachable, and migrated with `rewardprism db upgrade`?)", code=1)
+
+
+@contextmanager
+def _transaction(ctx: typer.Context) -> Iterator[Session]:
+    """One session, committed when the command body finishes and rolled back if it fails."""
+    admin: _Admin = ctx.obj
+    engine = make_engine(admin.settings)
+    try:
+        with _errors(admin.settings), make_sessions(engine).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _audit(ctx: typer.Context, session: Session, action: str, target: str, **details: Any) -> None:
+    record_audit(session, ctx.obj.actor, action, target, details, limits=ctx.obj.settings.limits)
+
+
+def _read_json(source: str) -> Any:
+    """JSON from a file path, from stdin for '-', or the argument itself when it is not a file."""
+    if source == "-":
+        text = sys.stdin.read()
+    elif Path(source).is_file():
+        text = Path(source).read_text()
+    else:
+        text = source
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"not valid JSON (nor a file): {exc}")
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else f"{value:%Y-%m-%d %H:%M}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(header), *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    typer.echo("\n".join(lines))
+
+
+def _pick_head_set(session: Session, user: User, name: str | None) -> HeadSet:
+    """--head-set NAME: its active version; else the profile's own head set; else the only active one."""
+    if name is not None:
+        return get_head_set(session, name)
+    if user.profile is not None:
+        return user.profile.head_set
+    active = [h for h in list_head_sets(session) if h.active]
+    if len(active) != 1:
+        _fail(f"user {user.external_id!r} has no profile and {len(active)} head sets are active "
+              f"({', '.join(h.label for h in active) or 'none'}): choose one with --head-set NAME")
+    return active[0]
+
+
+# ---------------------------------------------------------------------------------------------- db
+
+
+@contextmanager
+def _migrations(ctx: typer.Context) -> Iterator[tuple[ModuleType, str]]:
+    """The migrate module and the URL; Alembic is imported only here, so other commands start faster."""
+    from alembic.util import CommandError
+
+
+    settings: StoreSettings = ctx.obj.settings
+    with _errors(settings):
+        try:
+            yield migrate, settings.database_url
+        except CommandError as exc:  # e.g. an unknown revision
+            _fail(str(exc))
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    ctx: typer.Context, revision: Annotated[str, typer.Argument(help="target revision")] = "head"
+) -> None:
+    """Migrate the database up to REVISION (default: the newest); creates an SQLite file if needed."""
+    with _migrations(ctx) as (migrate, url):
+        migrate.upgrade(url, revision)
+        typer.echo(f"{safe_url(url)} is at revision {migrate.current_revision(url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Argument(help="target revision; 'base' drops every table")],
+) -> None:
+    """Migrate the database down to REVISION."""
+    with _migrations(ctx) as (migrate, url):
+        migrate.downgrade(url, revision)
+        typer.echo(f"{safe_url(url)} is at revision {migrate.current_revision(url) or 'base (empty)'}")
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context) -> None:
+    """Show the database's revision and whether it is the newest; exit code 1 when it is behind."""
+    with _migrations(ctx) as (migrate, url):
+        current, head = migrate.current_revision(url), migrate.head_revision()
+    typer.echo(f"{safe_url(url)}: revision {current or 'none (empty)'}, newest {head}")
+    if current != head:
+        _fail("the schema is behind: run `rewardprism db upgrade`", code=1)
+
+
+# ---------------------------------------------------------------------------------------------- users
+
+
+@users_app.command("create")
+def users_create(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument(help="the calling application's id for this user")],
+    name: Annotated[str | None, typer.Option(help="display name")] = None,
+    metadata: Annotated[str | None, typer.Option(help="JSON object: inline, a file, or - for stdin")] = None,
+) -> None:
+    """Create a user (with no profile: they score with the head set's default weights until adapted)."""
+    meta = _read_json(metadata) if metadata is not None else None
+    with _transaction(ctx) as session:
+        user = create_user(session, external_id, display_name=name, metadata=meta,
+                           limits=ctx.obj.settings.limits)
+        _audit(ctx, session, "users.create", external_id)
+    typer.echo(f"created user {user.external_id}")
+
+
+@users_app.command("list")
+def users_list(
+    ctx: typer.Context,
+    search: Annotated[str | None, typer.Option(help="part of the external id or display name")] = None,
+    disabled: Annotated[bool | None, typer.Option("--disabled/--enabled", help="only those")] = None,
+    method: Annotated[str | None, typer.Option(help="only profiles adapted by this method")] = None,
+    head_set: Annotated[str | None, typer.Option(help="only profiles over this head-set name")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="rows per page")] = 50,
+    offset: Annotated[int, typer.Option(min=0, help="rows to skip")] = 0,
+) -> None:
+    """List users as a table, with their profiles."""
+    with _transaction(ctx) as session:
+        page = list_users(session, offset=offset, limit=limit, search=search, disabled=disabled,
+                          method=method, head_set_name=head_set)
+        rows = [
+            (u.external_id, u.display_name or "", "yes" if u.disabled else "",
+             *((p.head_set.label, p.method, p.n_pairs, p.version) if (p := u.profile) else ("-", "", "", "")),
+             _when(u.created_at))
+            for u in page.items
+        ]
+    _table(("user", "name", "disabled", "head set", "method", "pairs", "version", "created"), rows)
+    shown = f"{offset + 1}-{offset + len(rows)}" if rows else "none"
+    typer.echo(f"{shown} of {page.total}")
+
+
+def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, width: int = 30) -> list[str]:
+    """A one-line-per-60-heads sparkline of the whole vector, then the `top` heads by |weight| as bars."""
+    ticks = "▁▂▃▄▅▆▇█"
+    low, high = min(weights), max(weights)
+    span = (high - low) or 1.0
+    spark = "".join(ticks[round((w - low) / span * (len(ticks) - 1))] for w in weights)
+    lines = [f"  {i:>4}  {spark[i:i + 60]}" for i in range(0, len(spark), 60)]
+    lines.append(f"        min {low:+.3f}  max {high:+.3f}")
+    largest = max(abs(w) for w in weights) or 1.0
+    ranked = sorted(range(len(weights)), key=lambda i: -abs(weights[i]))[:top]
+    label = max(len(names[i]) for i in ranked)
+    for i in ranked:
+        bar = "█" * max(1, round(abs(weights[i]) / largest * width)) if weights[i] else ""
+        color = "green" if weights[i] >= 0 else "red"
+        lines.append(f"  {names[i]:<{label}}  {weights[i]:+.4f}  {typer.style(bar, fg=color)}")
+    return lines
+
+
+@users_app.command("show")
+def users_show(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument()],
+    top: Annotated[int, typer.Option(min=1, help="how many heads to name")] = 5,
+) -> None:
+    """Show a user and their profile: the weight vector as a bar chart, with the strongest heads named."""
+    with _transaction(ctx) as session:
+        user = get_user(session, external_id)
+        pairs = session.scalar(sa.select(sa.func.count(Feedback.id)).where(Feedback.user_id == user.id))
+    state = "disabled" if user.disabled else "enabled"
+    typer.echo(f"user     {user.external_id}  {user.display_name or ''}  "
+               f"({state}, created {_when(user.created_at)})")
+    if user.meta:
+        typer.echo(f"metadata {json.dumps(user.meta)}")
+    typer.echo(f"feedback {pairs} pairs")
+    profile = user.profile
+    if profile is None:
+        typer.echo("profile  none yet: scored with the active head set's default weights")
+        return
+    heads = profile.head_set
+    typer.echo(f"profile  {heads.label} ({heads.kind}, {heads.num_heads} heads), "
+               f"method {profile.method}, {profile.n_pairs} pairs, version {profile.version}, "
+               f"bias {profile.bias:+.4f}, updated {_when(profile.updated_at)}")
+    typer.echo("weights")
+    for line in _weight_chart(heads.head_names, profile.weights, top):
+        typer.echo(line)
+
+
+@users_app.command("set-weights")
+def users_set_weights(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument()],
+    weights: Annotated[str, typer.Argument(help="a JSON list, or {head name: weight} (other heads 0); "
+                                                "inline, a file, or - for stdin")],
+    head_set: Annotated[str | None, typer.Option(help="use the active version of this head set")] = None,
+    bias: Annotated[float, typer.Option(help="added to every personalized score")] = 0.0,
+    expected_version: Annotated[int | None, typer.Option(
+        help="refuse unless the profile is still at this version (default: whatever it is now)")] = None,
+) -> None:
+    """Set a user's weights by hand (method 'manual')."""
+    value = _read_json(weights)
+    with _transaction(ctx) as session:
+        user = get_user(session, external_id)
+        heads = _pick_head_set(session, user, head_set)
+        if isinstance(value, dict):
+            unknown = set(value) - set(heads.head_names)
+            if unknown:
+                _fail(f"no heads named {sorted(unknown)} in {heads.label}")
+            value = [value.get(name, 0.0) for name in heads.head_names]
+        current = user.profile.version if user.profile else None
+        profile = save_profile(session, external_id, value, method="manual", bias=bias, head_set=heads,
+                               expected_version=current if expected_version is None else expected_version)
+        _audit(ctx, session, "users.set-weights", external_id, head_set=heads.label, version=profile.version)
+    typer.echo(f"{external_id}: profile version {profile.version} over {heads.label}")
+
+
+@users_app.command("reset")
+def users_reset(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument()],
+    head_set: Annotated[str | None, typer.Option(help="reset to the active version of this head set")] = None,
+) -> None:
+    """Reset a user's weights to the head set's defaults (their feedback is kept)."""
+    with _transaction(ctx) as session:
+        heads = _pick_head_set(session, get_user(session, external_id), head_set)
+        profile = reset_profile(session, external_id, heads)
+        _audit(ctx, session, "users.reset", external_id, head_set=heads.label, version=profile.version)
+    typer.echo(f"{external_id}: default weights of {heads.label}, profile version {profile.version}")
+
+
+def _set_disabled(ctx: typer.Context, external_id: str, disabled: bool) -> None:
+    with _transaction(ctx) as session:
+        set_user_disabled(session, external_id, disabled)
+        _audit(ctx, session, "users.disable" if disabled else "users.enable", external_id)
+    typer.echo(f"{external_id}: {'disabled' if disabled else 'enabled'}")
+
+
+@users_app.command("disable")
+def users_disable(ctx: typer.Context, external_id: Annotated[str, typer.Argument()]) -> None:
+    """Disable a user: no more feedback or profile changes, and keys bound to them stop working."""
+    _set_disabled(ctx, external_id, True)
+
+
+@users_app.command("enable")
+def users_enable(ctx: typer.Context, external_id: Annotated[str, typer.Argument()]) -> None:
+    """Enable a disabled user again."""
+    _set_disabled(ctx, external_id, False)
+
+
+@users_app.command("delete")
+def users_delete(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument()],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+) -> None:
+    """Delete a user with their profile, feedback and API keys."""
+    if not yes:
+        typer.confirm(f"delete user {external_id!r} and all their feedback and keys?", abort=True)
+    with _transaction(ctx) as session:
+        delete_user(session, external_id)
+        _audit(ctx, session, "users.delete", external_id)
+    typer.echo(f"deleted user {external_id}")
+
+
+@users_app.command("export")
+def users_export(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument()],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here, not to stdout")] = None,
+) -> None:
+    """Export a user, their profile and feedback as JSON (for `users import`)."""
+    with _transaction(ctx) as session:
+        data = export_user(session, external_id)
+        _audit(ctx, session, "users.export", external_id, pairs=len(data["feedback"]))
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    if output is None:
+        typer.echo(text)
+    else:
+        output.write_text(text + "\n")
+        typer.echo(f"wrote {output}", err=True)
+
+
+@users_app.command("import")
+def users_import(
+    ctx: typer.Context, source: Annotated[str, typer.Argument(help="a `users export` file, or -")]
+) -> None:
+    """Import a user from `users export` JSON; their head set must be registered here."""
+    data = _read_json(source)
+    with _transaction(ctx) as session:
+        user = import_user(session, data, limits=ctx.obj.settings.limits)
+        _audit(ctx, session, "users.import", user.external_id, pairs=len(data["feedback"]))
+    typer.echo(f"imported user {user.external_id} ({len(data['feedback'])} feedback pairs)")
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    scope: Annotated[list[str], typer.Option("--scope", "-s", help=f"repeatable: {', '.join(SCOPES)}")],
+    user: Annotated[str | None, typer.Option(help="bind the key to this user: it acts only for them")] = None,
+    name: Annotated[str | None, typer.Option(help="a label, e.g. the client's name")] = None,
+) -> None:
+    """Create an API key and print its token once (only a salted hash is stored)."""
+    with _transaction(ctx) as session:
+        key, token = create_api_key(session, scope, user_external_id=user, name=name)
+        _audit(ctx, session, "keys.create", key.prefix, scopes=key.scopes, user=user)
+    typer.echo(token)
+    typer.echo(f"key {key.prefix} ({', '.join(key.scopes)}): keep the token above; it cannot be shown again",
+               err=True)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ctx: typer.Context, prefix: Annotated[str, typer.Argument(help="the key's prefix, from `keys list`")]
+) -> None:
+    """Revoke an API key; it stops working at once."""
+    with _transaction(ctx) as session:
+        revoke_api_key(session, prefix)
+        _audit(ctx, session, "keys.revoke", prefix)
+    typer.echo(f"revoked key {prefix}")
+
+
+@keys_app.command("list")
+def keys_list(
+    ctx: typer.Context, all_: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False
+) -> None:
+    """List API keys (prefixes and scopes; the secrets are not stored)."""
+    with _transaction(ctx) as session:
+        rows = [(k.prefix, k.name or "", ",".join(k.scopes), k.user.external_id if k.user else "",
+                 _when(k.created_at), _when(k.revoked_at))
+                for k in list_api_keys(session, include_revoked=all_)]
+    _table(("prefix", "name", "scopes", "user", "created", "revoked"), rows)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context, name: Annotated[str | None, typer.Option(help="only this head-set name")] = None
+) -> None:
+    """List registered head sets; '*' marks the active (served) version of each name."""
+    with _transaction(ctx) as session:
+        rows = [("*" if h.active else "", h.name, h.version, h.kind, h.backbone, h.dim, h.num_heads,
+                 h.content_hash, _when(h.created_at), h.uri)
+                for h in list_head_sets(session, name)]
+    _table(("", "name", "version", "kind", "backbone", "dim", "heads", "hash", "registered", "uri"), rows)
+
+
+@models_app.command("activate")
+def models_activate(
+    ctx: typer.Context, name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()]
+) -> None:
+    """Serve this version of head set NAME (the previously active version of NAME is deactivated)."""
+    with _transaction(ctx) as session:
+        activate_head_set(session, name, version)
+        _audit(ctx, session, "models.activate", f"{name}@{version}")
+    typer.echo(f"active: {name}@{version}")
+
+
+@models_app.command("register")
+def models_register(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a folder HeadSet.save wrote")],
+    activate: Annotated[bool, typer.Option(help="also make it the active version of its name")] = False,
+) -> None:
+    """Register a saved head set from its headset.json (registering the same content twice is a no-op)."""
+    meta = _read_json(str(folder / "headset.json")) if (folder / "headset.json").is_file() else None
+    if not isinstance(meta, dict):
+        _fail(f"{folder} has no headset.json object: is it a folder written by HeadSet.save?")
+    fields = ("name", "kind", "backbone", "dim", "num_heads", "head_names", "default_weights", "content_hash")
+    missing = [f for f in (*fields, "version") if f not in meta]
+    if missing:
+        _fail(f"{folder / 'headset.json'} lacks {', '.join(missing)}")
+    with _transaction(ctx) as session:
+        heads = register_head_set(session, **{f: meta[f] for f in fields}, version=str(meta["version"]),
+                                  uri=str(folder.resolve()), activate=activate)
+        _audit(ctx, session, "models.register", heads.label, content_hash=heads.content_hash,
+               active=heads.active)
+    active = " - active" if heads.active else ""
+    typer.echo(f"registered {heads.label} ({heads.kind}, {heads.num_heads} heads){active}")

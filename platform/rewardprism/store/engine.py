@@ -1,0 +1,47 @@
+"""Engines and session factories, with the per-backend settings the repository relies on."""
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from rewardprism.store.config import StoreSettings, safe_url
+
+log = logging.getLogger(__name__)
+
+
+def make_engine(settings: StoreSettings) -> sa.Engine:
+    """A pooled engine; on SQLite also foreign keys (for ON DELETE CASCADE) and write-locking transactions."""
+    url = sa.make_url(settings.database_url)
+    log.info("store database: %s", safe_url(url))
+    if url.get_backend_name() != "sqlite":
+        return sa.create_engine(
+            url,
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_timeout=settings.pool_timeout_s,
+            pool_pre_ping=True,  # a restarted server leaves dead pooled connections behind
+        )
+    engine = sa.create_engine(url, connect_args={"timeout": settings.pool_timeout_s})
+    sa.event.listen(engine, "connect", _sqlite_connect)
+    sa.event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # Let SQLAlchemy emit BEGIN itself (pysqlite's own deferred BEGIN breaks SAVEPOINT); see _sqlite_begin.
+    dbapi_connection.isolation_level = None
+    dbapi_connection.execute("PRAGMA foreign_keys = ON")
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    # IMMEDIATE takes the write lock up front: SQLite serializes writers, and a deferred transaction that
+    # upgrades to writing fails at once with "database is locked" instead of waiting for the busy timeout.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_sessions(engine: sa.Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit, so a service can return what it just wrote."""
+    return sessionmaker(engine, expire_on_commit=False)

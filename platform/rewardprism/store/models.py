@@ -1,0 +1,186 @@
+"""Tables of the store: users, their profiles and feedback, the head-set registry, API keys, the audit log.
+
+Portable across Postgres (production) and SQLite (the embedded default): JSON documents are JSONB on Postgres,
+weight vectors a native `double precision[]` there and JSON lists on SQLite. Alembic owns the schema
+(`migrations/`); `metadata.create_all` is not used, and `alembic check` keeps the two in step.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Field limits shared by the columns and the validation in repository.py.
+EXTERNAL_ID_MAX = 255
+NAME_MAX = 255
+HEAD_SET_NAME_MAX = 128
+VERSION_MAX = 64
+SOURCE_MAX = 64
+URI_MAX = 1024
+
+METHODS = ("hyre", "bt", "manual", "default", "shrink")  # how a profile's weights were obtained
+KINDS = ("drm", "vrm", "bt")  # what produced a head set
+SCOPES = ("score", "feedback", "admin")  # what an API key may do; admin implies the others
+
+JSONDoc = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+FloatVector = sa.JSON().with_variant(postgresql.ARRAY(sa.Double()), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    # Named constraints, so migrations can drop and alter them the same way on every backend.
+    metadata = sa.MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: sa.DateTime(timezone=True),
+        dict[str, Any]: JSONDoc,
+    }
+
+
+class User(Base):
+    """Someone whose preferences we model, named by the calling application's own id."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(sa.String(EXTERNAL_ID_MAX), unique=True)
+    display_name: Mapped[str | None] = mapped_column(sa.String(NAME_MAX))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)  # `metadata` is taken on the class
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled: Mapped[bool] = mapped_column(default=False)
+
+    # Deleting a user deletes their profile, feedback and keys in the database (ON DELETE CASCADE).
+    profile: Mapped[Profile | None] = relationship(
+        back_populates="user", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class HeadSet(Base):
+    """The registry entry of one saved version of a rewardprism.heads.HeadSet (the files live at `uri`).
+
+    At most one version per name is active: the one services load.
+    """
+
+    __tablename__ = "head_sets"
+    __table_args__ = (
+        sa.UniqueConstraint("name", "version"),
+        sa.Index(
+            "uq_head_sets_active_name", "name", unique=True,
+            postgresql_where=sa.text("active"), sqlite_where=sa.text("active"),
+        ),
+        sa.CheckConstraint(_one_of("kind", KINDS), name="kind"),
+        sa.CheckConstraint("dim > 0 AND num_heads > 0", name="sizes"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(HEAD_SET_NAME_MAX))
+    version: Mapped[str] = mapped_column(sa.String(VERSION_MAX))
+    kind: Mapped[str] = mapped_column(sa.String(8))
+    backbone: Mapped[str] = mapped_column(sa.String(NAME_MAX))
+    dim: Mapped[int]
+    num_heads: Mapped[int]
+    head_names: Mapped[list[str]] = mapped_column(JSONDoc)
+    default_weights: Mapped[list[float]] = mapped_column(FloatVector)
+    uri: Mapped[str] = mapped_column(sa.String(URI_MAX))  # where HeadSet.save wrote it: a path or a URL
+    content_hash: Mapped[str] = mapped_column(sa.String(128))
+    active: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class Profile(Base):
+    """A user's weights over one head-set version. Scores are `weights · head_scores + bias`.
+
+    `version` is the optimistic lock: every ORM update runs `... WHERE version = <loaded>` and bumps it, so
+    two writers that read the same version cannot both win (the loser gets ProfileConflict and retries).
+    """
+
+    __tablename__ = "profiles"
+    __table_args__ = (
+        sa.CheckConstraint(_one_of("method", METHODS), name="method"),
+        sa.CheckConstraint("n_pairs >= 0", name="n_pairs"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), unique=True)
+    head_set_id: Mapped[int] = mapped_column(sa.ForeignKey("head_sets.id", ondelete="RESTRICT"), index=True)
+    weights: Mapped[list[float]] = mapped_column(FloatVector)
+    bias: Mapped[float] = mapped_column(sa.Double, default=0.0)
+    method: Mapped[str] = mapped_column(sa.String(16))
+    n_pairs: Mapped[int] = mapped_column(default=0)  # feedback pairs the weights were adapted from
+    version: Mapped[int] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    user: Mapped[User] = relationship(back_populates="profile")
+    head_set: Mapped[HeadSet] = relationship()
+
+    __mapper_args__: ClassVar[dict[str, Any]] = {"version_id_col": version}
+
+
+class Feedback(Base):
+    """One labelled pair. Append-only: a profile can always be re-adapted from the full history."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    prompt: Mapped[str | list[dict[str, str]]] = mapped_column(JSONDoc)  # text, or [{role, content}, ...]
+    chosen: Mapped[str] = mapped_column(sa.Text)
+    rejected: Mapped[str] = mapped_column(sa.Text)
+    source: Mapped[str] = mapped_column(sa.String(SOURCE_MAX))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A client or admin credential. Only a salted scrypt hash of the secret is stored, never the secret."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prefix: Mapped[str] = mapped_column(sa.String(16), unique=True)  # the public part, shown in listings
+    name: Mapped[str | None] = mapped_column(sa.String(NAME_MAX))
+    salt: Mapped[bytes] = mapped_column(sa.LargeBinary(16))
+    key_hash: Mapped[bytes] = mapped_column(sa.LargeBinary(64))
+    scopes: Mapped[list[str]] = mapped_column(JSONDoc)
+    user_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User | None] = relationship()
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+class AuditEntry(Base):
+    """Who did what to whom, for admin actions. No foreign keys: entries outlive what they name."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    actor: Mapped[str] = mapped_column(sa.String(NAME_MAX))
+    action: Mapped[str] = mapped_column(sa.String(64))
+    target: Mapped[str] = mapped_column(sa.String(NAME_MAX))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
