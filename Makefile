@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform tests bench serve_apps tune train_vrm.py train_drm.py
+	$(BIN)/ruff check platform tests bench serve_apps tune k8s train_vrm.py train_drm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info platform/*.egg-info
