@@ -24,6 +24,7 @@ def ray_cluster():
     """A local Ray cluster shared by every test that needs one."""
     import ray
 
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a busy 2-core CI machine starts Ray slowly
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
