@@ -12,6 +12,17 @@ from rewardprism.data import DataError, DatasetSummary
 app = typer.Typer(help="RewardPrism: decomposed, personalized reward models.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 
+from rewardprism.cli_serve import serve as serve_command
+from rewardprism.cli_store import db_app, keys_app, models_app, users_app
+
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+app.command("serve")(serve_command)
+from rewardprism.cli_train import train as train_command
+app.command("train")(train_command)
+
 
 @app.callback()
 def main() -> None:
@@ -88,6 +99,12 @@ def embed(
                            "tokens_per_s": round(report.tokens_per_s, 1), "shards_written": report.shards_written,
                            "shards_reused": report.shards_reused}, indent=1))
 
+
+from rewardprism.cli_drm import adapt, decompose, evaluate  # noqa: E402  (registered after `fail` exists)
+
+app.command()(decompose)
+app.command()(adapt)
+app.command()(evaluate)
 
 if __name__ == "__main__":
     app()

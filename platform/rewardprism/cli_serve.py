@@ -1,0 +1,70 @@
+"""`rewardprism serve`: prepare the database, then run the Serve config (serve_apps/config.yaml) as `serve run` does."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# serve_apps/ sits beside platform/ at the repository root (a source checkout or an editable install).
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "serve_apps" / "config.yaml"
+
+
+def serve(
+    config: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a Ray Serve config file")] = CONFIG,
+    database_url: Annotated[str | None, typer.Option(help="instead of DATABASE_URL (default: SQLite file here)")] = None,
+    head_set: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
+                                                  help="register this saved head set and make it active first")] = None,
+    migrate: Annotated[bool, typer.Option(help="upgrade the database schema to head first")] = True,
+) -> None:
+    """Start the scoring service on a local Ray cluster (blocks; Ctrl-C stops it).
+
+    The HTTP port is the config's http_options.port. On a cluster, use the config itself (`serve deploy`, or the
+    RayService in k8s/) with DATABASE_URL in the nodes' environment.
+    """
+    import sqlalchemy as sa
+    from ray.serve.scripts import cli
+
+    from rewardprism.heads import HeadSet
+    from rewardprism.store import (
+        StoreError,
+        StoreSettings,
+        make_engine,
+        make_sessions,
+        record_audit,
+        register_head_set,
+        safe_url,
+    )
+    from rewardprism.store.migrate import upgrade
+
+    try:
+        settings = StoreSettings.from_env(database_url)
+        url = sa.make_url(settings.database_url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            # the replicas run in the repository root (below): pin a relative SQLite file to this directory
+            url = url.set(database=str(Path(url.database).resolve()))
+            settings = StoreSettings.from_env(url.render_as_string(hide_password=False))
+        if migrate:
+            upgrade(settings.database_url)
+        if head_set is not None:
+            heads = HeadSet.load(head_set)
+            engine = make_engine(settings)
+            with make_sessions(engine).begin() as session:
+                row = register_head_set(
+                    session, name=heads.name, version=heads.version, kind=heads.kind, backbone=heads.backbone,
+                    dim=heads.dim, num_heads=heads.num_heads, head_names=heads.head_names,
+                    default_weights=heads.default_weights.tolist(), uri=str(head_set.resolve()),
+                    content_hash=heads.content_hash, activate=True)
+                record_audit(session, "cli:serve", "head_set.activate", row.label)
+            engine.dispose()
+            os.environ.setdefault("RP_HEAD_SET", heads.name)
+    except (StoreError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    config = config.resolve()
+    os.environ["DATABASE_URL"] = settings.database_url  # the replicas read it (config: "${DATABASE_URL}")
+    os.chdir(ROOT)  # the config's import_path (serve_apps.app:app) is relative to the repository root
+    typer.echo(f"serving {config} with database {safe_url(settings.database_url)}", err=True)
+    cli.main(args=["run", str(config)], prog_name="serve", standalone_mode=True)

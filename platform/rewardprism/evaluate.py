@@ -1,0 +1,424 @@
+"""The DRM paper's evaluation protocol, over head scores (Luo et al. 2025, arXiv:2502.13131, §5).
+
+Each group of the test split (AlpacaEval's `dataset`, or one group for HH-RLHF harmless) stands for a user:
+per seed, n of its pairs are sampled as labelled feedback, a profile is adapted from them, and the profile's
+accuracy (chosen scored above rejected) is measured on the group's test pairs. Seeds give mean (std) per group;
+"overall" averages the groups per seed, then takes mean (std) over seeds. The reference leaves the adaptation
+pairs in the test set; the honest variant removes them, and both are reported.
+
+Baselines, as the paper's tables: the population profile (no feedback), single heads (per-head accuracy, the
+best head per group as an oracle), HyRe over random head sets (uniform and Gaussian directions), and a fully
+supervised Bradley-Terry head on every training pair. Cross-annotator personalization adapts on one
+annotator's pairs and scores another's. RewardBench-style section scores apply to data whose groups are
+RewardBench subsets.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rewardprism.adapt import DEFAULT_STRENGTH, STRENGTHS, Method, adapt_users, prior_strength_evidence
+from rewardprism.data import PreferencePair, groups_of, split_by_prompt
+from rewardprism.drm import fit_population_head
+from rewardprism.heads import HeadSet
+
+SEEDS = tuple(range(20))
+
+
+@dataclass(frozen=True)
+class ScoredPairs:
+    """Head scores of labelled pairs, with each pair's group."""
+
+    chosen: np.ndarray  # (N, H)
+    rejected: np.ndarray  # (N, H)
+    groups: np.ndarray  # (N,) group names
+
+    def __post_init__(self) -> None:
+        if self.chosen.ndim != 2 or self.chosen.shape != self.rejected.shape \
+                or self.groups.shape != (len(self.chosen),):
+            raise ValueError(f"scores must be (N, H) each with N groups, got {self.chosen.shape}, "
+                             f"{self.rejected.shape}, {self.groups.shape}")
+
+    @classmethod
+    def of(cls, heads: np.ndarray | HeadSet, chosen: np.ndarray, rejected: np.ndarray,
+           groups: np.ndarray) -> ScoredPairs:
+        """Score (N, d) features with a head set, or with a bare (H, d) weight matrix (random baselines)."""
+        if isinstance(heads, HeadSet):
+            return cls(heads.scores(chosen), heads.scores(rejected), np.asarray(groups))
+        return cls(np.asarray(chosen) @ heads.T, np.asarray(rejected) @ heads.T, np.asarray(groups))
+
+    @property
+    def group_names(self) -> list[str]:
+        return sorted(set(self.groups.tolist()))
+
+    def indices(self, group: str) -> np.ndarray:
+        return np.flatnonzero(self.groups == group)
+
+
+def sample_adaptation(pairs: ScoredPairs, n: int, seeds: Sequence[int] = SEEDS,
+                      groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Per group, (S, n) indices of the pairs each seed labels: n distinct pairs by `default_rng(seed)`."""
+    if n < 1:
+        raise ValueError(f"n (adaptation pairs per group) must be at least 1, got {n}")
+    out = {}
+    for group in pairs.group_names if groups is None else groups:
+        members = pairs.indices(group)
+        if len(members) == 0:
+            raise ValueError(f"group {group!r} has no pairs to adapt from")
+        if n > len(members):
+            raise ValueError(f"n={n} adaptation pairs but group {group!r} has only {len(members)}")
+        out[group] = np.stack([members[np.random.default_rng(seed).choice(len(members), n, replace=False)]
+                               for seed in seeds])
+    return out
+
+
+def pair_accuracy(chosen: np.ndarray, rejected: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, P): whether each of P profiles (weights (P, H)) scores a pair's chosen response (N, H) higher.
+
+    A profile's bias cancels within a pair; a tie counts as wrong.
+    """
+    weights = np.atleast_2d(weights)
+    return chosen @ weights.T > rejected @ weights.T
+
+
+@dataclass
+class AdaptationResult:
+    """Correct pairs and pairs scored, (G, S) per group and seed; `honest_*` leave out the adaptation pairs."""
+
+    label: str
+    groups: list[str]
+    correct: np.ndarray
+    total: np.ndarray
+    honest_correct: np.ndarray | None = None
+    honest_total: np.ndarray | None = None
+
+    def summary(self, honest: bool = False) -> dict[str, tuple[float, float]]:
+        """Mean (std over seeds) per group; "overall" averages the groups per seed, "all pairs" pools them."""
+        correct, total = (self.honest_correct, self.honest_total) if honest else (self.correct, self.total)
+        if correct is None:
+            return {}
+        acc = correct / total  # (G, S)
+        out = {g: (float(a.mean()), float(a.std())) for g, a in zip(self.groups, acc)}
+        overall, pooled = acc.mean(0), correct.sum(0) / total.sum(0)  # (S,)
+        out["overall"] = (float(overall.mean()), float(overall.std()))
+        out["all pairs"] = (float(pooled.mean()), float(pooled.std()))
+        return out
+
+
+def evaluate_adaptation(test: ScoredPairs, n: int, *, method: Method, prior: np.ndarray | None = None,
+                        source: ScoredPairs | None = None, seeds: Sequence[int] = SEEDS, label: str = "",
+                        **opts: Any) -> AdaptationResult:
+    """Adapt one profile per (group, seed) from n pairs of `source` (default: `test` itself), score `test`.
+
+    All seeds of a group adapt in one batched call.
+    """
+    same = source is None
+    source = test if same else source
+    if source.chosen.shape[1] != test.chosen.shape[1]:
+        raise ValueError(f"source has {source.chosen.shape[1]} heads, test {test.chosen.shape[1]}")
+    picks = sample_adaptation(source, n, seeds, test.group_names)
+    correct, total, honest_correct, honest_total = [], [], [], []
+    for group, chosen_idx in picks.items():
+        weights, _ = adapt_users(source.chosen[chosen_idx], source.rejected[chosen_idx], prior, method=method,
+                                 **opts)  # (S, H)
+        members = test.indices(group)
+        hits = pair_accuracy(test.chosen[members], test.rejected[members], weights)  # (N_g, S)
+        correct.append(hits.sum(0))
+        total.append(np.full(len(chosen_idx), len(members)))
+        if same:
+            kept = np.stack([~np.isin(members, picked) for picked in chosen_idx], axis=1)  # (N_g, S)
+            honest_correct.append((hits & kept).sum(0))
+            honest_total.append(kept.sum(0))
+    as_array = (lambda parts: np.array(parts) if same else None)
+    return AdaptationResult(label or method, list(picks), np.array(correct), np.array(total),
+                            as_array(honest_correct), as_array(honest_total))
+
+
+def fixed_profile(test: ScoredPairs, weights: np.ndarray, label: str, per_group: bool = False) -> AdaptationResult:
+    """Profiles that need no feedback (population profile, single heads) in the same table shape.
+
+    `weights` is one profile (H,), or with `per_group` one row per group (G, H) (the best-head oracle).
+    """
+    groups = test.group_names
+    weights = np.asarray(weights)
+    correct = np.array([[pair_accuracy(test.chosen[m], test.rejected[m], weights[i] if per_group else weights).sum()]
+                        for i, m in enumerate(map(test.indices, groups))])  # (G, 1)
+    total = np.array([[len(m)] for m in map(test.indices, groups)])
+    return AdaptationResult(label, groups, correct, total, correct, total)
+
+
+def head_accuracy(test: ScoredPairs) -> np.ndarray:
+    """(G, H) accuracy of each head per group (sorted group names): the paper's Table 1 reads each row's best."""
+    return np.array([(test.chosen[m] > test.rejected[m]).mean(0) for m in map(test.indices, test.group_names)])
+
+
+def random_heads(dim: int, num_heads: int, distribution: str, seed: int = 0) -> np.ndarray:
+    """(H, d) unit-norm random directions, entries U(−1, 1) or N(0, 1): the paper's random head sets."""
+    rng = np.random.default_rng(seed)
+    if distribution == "uniform":
+        heads = rng.uniform(-1.0, 1.0, (num_heads, dim))
+    elif distribution == "gaussian":
+        heads = rng.standard_normal((num_heads, dim))
+    else:
+        raise ValueError(f"distribution must be 'uniform' or 'gaussian', got {distribution!r}")
+    return heads / np.linalg.norm(heads, axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------- RewardBench
+
+REWARDBENCH_SECTIONS = {
+    "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
+    "Chat Hard": ("mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                  "llmbar-adver-GPTOut", "llmbar-adver-manual"),
+    "Safety": ("refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
+               "donotanswer"),
+    "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
+}
+# RewardBench weighs a section's subsets by these counts; math-prm (447 pairs) counts as much as all of code.
+REWARDBENCH_COUNTS = {
+    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
+    "mt-bench-med": 40, "mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46, "refusals-dangerous": 100,
+    "refusals-offensive": 100, "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136,
+    "math-prm": 984, "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164,
+    "hep-rust": 164,
+}
+
+
+def rewardbench_scores(correct: np.ndarray, subsets: np.ndarray) -> dict[str, float]:
+    """Section scores (count-weighted subset accuracies) and their mean, for the sections present."""
+    subsets = np.asarray(subsets)
+    out = {}
+    for section, names in REWARDBENCH_SECTIONS.items():
+        present = [s for s in names if (subsets == s).any()]
+        if present:
+            weights = np.array([REWARDBENCH_COUNTS[s] for s in present], dtype=np.float64)
+            accuracy = np.array([correct[subsets == s].mean() for s in present])
+            out[section] = float(weights @ accuracy / weights.sum())
+    if out:
+        out["score"] = float(np.mean(list(out.values())))
+    return out
+
+
+def is_rewardbench(groups: np.ndarray) -> bool:
+    return set(np.unique(groups).tolist()) <= set(REWARDBENCH_COUNTS)
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+@dataclass
+class Split:
+    """Features and pairs of one embedding set, split by prompt the reference's way."""
+
+    chosen: np.ndarray  # (N, d)
+    rejected: np.ndarray  # (N, d)
+    pairs: list[PreferencePair]
+    train: np.ndarray  # indices
+    test: np.ndarray
+
+    @classmethod
+    def of(cls, chosen: np.ndarray, rejected: np.ndarray, pairs: list[PreferencePair],
+           test_fraction: float = 0.5, seed: int = 0) -> Split:
+        if len(pairs) != len(chosen):
+            raise ValueError(f"{len(pairs)} pairs but {len(chosen)} embeddings")
+        train, test = split_by_prompt(pairs, test_fraction, seed)
+        return cls(chosen, rejected, pairs, np.array(train, dtype=int), np.array(test, dtype=int))
+
+    def scored(self, heads: np.ndarray | HeadSet) -> ScoredPairs:
+        """The test split's head scores and groups."""
+        return ScoredPairs.of(heads, self.chosen[self.test], self.rejected[self.test],
+                              groups_of(self.pairs)[self.test])
+
+
+def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15, 50),
+               methods: Sequence[Method] = ("hyre", "default"), seeds: Sequence[int] = SEEDS,
+               adapt_from: Split | None = None, use_prior: bool = True, baselines: bool = True) -> dict[str, Any]:
+    """Every row of the paper's tables for one embedding set and head set, as plain data (see `to_markdown`).
+
+    `adapt_from`: another annotator's pairs on the same prompts; adds rows adapted on them and scored here.
+    `use_prior=False` adapts from a zero prior instead of the head set's default profile: few-shot alone.
+    """
+    if heads.dim != data.chosen.shape[1]:
+        raise ValueError(f"head set is for {heads.dim}-d features, embeddings are {data.chosen.shape[1]}-d")
+    test = data.scored(heads)
+    groups = test.group_names
+    prior = heads.default_weights.astype(np.float64) if use_prior else np.zeros(heads.num_heads)
+    rows = [fixed_profile(test, heads.default_weights, "population profile (no feedback)")]
+    first_pc = heads.head_names.index("+pc0") if "+pc0" in heads.head_names else 0
+    rows.append(fixed_profile(test, np.eye(heads.num_heads)[first_pc], f"single head {heads.head_names[first_pc]}"))
+    per_head = head_accuracy(test)  # (G, H)
+    best = per_head.argmax(1)
+    rows.append(fixed_profile(test, np.eye(heads.num_heads)[best], "best head per group (oracle)", per_group=True))
+    for n in n_values:
+        rows += [evaluate_adaptation(test, n, method=m, prior=prior, seeds=seeds, label=f"{_METHOD_NAMES[m]} n={n}")
+                 for m in methods]
+    if adapt_from is not None:
+        source = adapt_from.scored(heads)
+        for n in n_values:
+            rows += [evaluate_adaptation(test, n, method=m, prior=prior, seeds=seeds, source=source,
+                                         label=f"{_METHOD_NAMES[m]} n={n}, adapted on the other annotator")
+                     for m in methods]
+    supervised = fit_population_head(data.chosen[data.train], data.rejected[data.train])
+    if baselines:
+        n = 15 if 15 in n_values else n_values[0]
+        for distribution in ("uniform", "gaussian"):
+            random = data.scored(random_heads(heads.dim, heads.num_heads, distribution))
+            rows.append(evaluate_adaptation(random, n, method="hyre", seeds=seeds,
+                                            label=f"HyRe n={n}, random {distribution} heads"))
+        rows.append(fixed_profile(data.scored(supervised[None]), np.ones(1),
+                                  f"supervised BT head, all {len(data.train)} training pairs"))
+    report: dict[str, Any] = {
+        "head_set": {k: heads.metadata()[k] for k in ("name", "version", "backbone", "dataset", "num_heads",
+                                                         "content_hash")},
+        "pairs": {"train": len(data.train), "test": len(data.test)}, "groups": groups, "seeds": len(seeds),
+        "prior": "head set default profile" if use_prior else "zero",
+        "rows": [{"label": r.label, "reference": r.summary(), "honest": r.summary(honest=True)} for r in rows],
+        "best_heads": {g: {"head": heads.head_names[int(h)], "accuracy": float(per_head[i, h])}
+                       for i, (g, h) in enumerate(zip(groups, best))},
+    }
+    if baselines:
+        report["gap_recovered"] = _gap_recovered(report["rows"])
+    picks = sample_adaptation(test, n_values[0], seeds)
+    idx = np.concatenate(list(picks.values()))  # (G·S, n): every adapted user of the smallest n
+    evidence = prior_strength_evidence(test.chosen[idx], test.rejected[idx], prior=prior, strengths=STRENGTHS)
+    report["evidence"] = {"n": n_values[0], "strengths": STRENGTHS.tolist(), "log_evidence": evidence.tolist(),
+                          "peak": float(STRENGTHS[evidence.argmax()])}
+    if all(p.attributes for p in data.pairs):
+        report["synthetic"] = synthetic_report(data, heads, n=15 if 15 in n_values else n_values[0], seeds=seeds,
+                                               methods=methods)
+    if is_rewardbench(test.groups):
+        full = data.scored(supervised[None])
+        report["rewardbench"] = {
+            "population profile": rewardbench_scores(
+                pair_accuracy(test.chosen, test.rejected, heads.default_weights)[:, 0], test.groups),
+            "supervised BT head": rewardbench_scores(
+                pair_accuracy(full.chosen, full.rejected, np.ones(1))[:, 0], test.groups)}
+    return report
+
+
+def _gap_recovered(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """(adapted − population) / (supervised − population), overall, for each adapted same-annotator row."""
+    overall = {row["label"]: row["reference"]["overall"][0] for row in rows}
+    population = overall["population profile (no feedback)"]
+    supervised = next(v for k, v in overall.items() if k.startswith("supervised"))
+    if supervised <= population:
+        return {}
+    return {k: (v - population) / (supervised - population) for k, v in overall.items()
+            if " n=" in k and "random" not in k and "other" not in k}
+
+
+def planted_angles(chosen: np.ndarray, rejected: np.ndarray, rating_gaps: np.ndarray, user_weights: np.ndarray,
+                   heads: np.ndarray) -> np.ndarray:
+    """Cosines of the principal angles between the planted preference directions and the span of the heads.
+
+    A simulated user's utility is w · ratings. Least squares of the feature gaps (N, d) on the rating gaps
+    (N, A) gives how each attribute moves the features, M (d, A); the feature direction v with v · (φc − φr) =
+    w · (rc − rr) is then M (MᵀM)⁻¹ w. (Regressing this way round is well conditioned: A ≪ d.) Cosines near 1:
+    the heads span every user's preference; a random k-dimensional subspace of ℝᵈ gives about √(k/d).
+    """
+    forward, *_ = np.linalg.lstsq(rating_gaps, np.asarray(chosen, np.float64) - rejected, rcond=None)  # (A, d)
+    forward = forward.T  # (d, A)
+    planted = forward @ np.linalg.solve(forward.T @ forward, np.asarray(user_weights, np.float64).T)  # (d, U)
+    planted, _ = np.linalg.qr(planted)
+    span, _ = np.linalg.qr(np.asarray(heads, np.float64).T)  # (d, rank)
+    return np.linalg.svd(planted.T @ span, compute_uv=False)  # (U,) cosines, largest first
+
+
+def synthetic_report(data: Split, heads: HeadSet, *, n: int = 15, seeds: Sequence[int] = SEEDS,
+                     methods: Sequence[Method] = ("hyre", "default")) -> dict[str, Any]:
+    """The known-truth checks on `rewardprism.synthetic` data: planted directions and each user's ceiling.
+
+    Per simulated user (a group): the ceiling is the best weighting of these heads, MAP-BT with a negligible
+    prior fitted on all of the user's labels; adaptation from n of the user's test pairs is scored on the test
+    pairs against the sampled labels and against the user's true utility (pairs of equal utility left out).
+    """
+    from rewardprism.adapt import bt
+    from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, rating_matrix
+
+    users = {u.name: u for u in DEFAULT_USERS}
+    if any(p.attributes is None or p.group not in users for p in data.pairs):
+        raise ValueError("synthetic checks need pairs from rewardprism.synthetic (attributes and a known user)")
+    train = [data.pairs[i] for i in data.train]
+    gaps = rating_matrix(train, "chosen") - rating_matrix(train, "rejected")
+    pcs = [i for i, name in enumerate(heads.head_names) if name.startswith("+pc")]
+    cosines = planted_angles(data.chosen[data.train], data.rejected[data.train], gaps,
+                             np.array([users[u].weights for u in sorted(users)]), heads.weight[pcs])
+    test = data.scored(heads)
+    everything = ScoredPairs.of(heads, data.chosen, data.rejected, groups_of(data.pairs))
+    rows = {}
+    for name in test.group_names:
+        user = users[name]
+        members = test.indices(name)
+        pairs = [data.pairs[i] for i in data.test[members]]
+        utility_gap = user.utility(rating_matrix(pairs, "chosen")) - user.utility(rating_matrix(pairs, "rejected"))
+        decided = utility_gap != 0
+        mine = everything.indices(name)
+        ceiling, _ = bt(everything.chosen[mine][None], everything.rejected[mine][None], strength=1e-3)
+        profiles = {"ceiling (all labels)": ceiling}
+        picks = sample_adaptation(test, n, seeds, [name])[name]
+        for method in methods:
+            profiles[f"{_METHOD_NAMES[method]} n={n}"] = adapt_users(
+                test.chosen[picks], test.rejected[picks], heads.default_weights, method=method)[0]
+        rows[name] = {}
+        for label, weights in profiles.items():
+            hits = pair_accuracy(test.chosen[members], test.rejected[members], weights)  # (N_u, P)
+            truth = hits == (utility_gap > 0)[:, None]
+            rows[name][label] = {"labels": float(hits.mean()), "truth": float(truth[decided].mean())}
+    return {"principal_angle_cosines": cosines.tolist(), "random_subspace_cosine": float(np.sqrt(len(pcs) / heads.dim)),
+            "attributes": list(ATTRIBUTES), "users": rows, "n": n}
+
+
+_METHOD_NAMES = {"hyre": "HyRe", "default": "default (hierarchical BT)", "bt": "MAP-BT"}
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report's tables: mean (std) over seeds per group, overall and pooled; both test-set variants."""
+    columns = report["groups"] + ["overall", "all pairs"]
+    head = report["head_set"]
+    lines = [(f"Head set `{head['name']}` v{head['version']} ({head['num_heads']} heads, backbone "
+             f"`{head['backbone']}`, hash `{head['content_hash']}`); {report['pairs']['train']} training / "
+             f"{report['pairs']['test']} test pairs; {report['seeds']} seeds; adaptation prior: "
+             f"{report['prior']}."), ""]
+    for variant, title in (("reference", "adaptation pairs left in the test set (the reference's protocol)"),
+                           ("honest", "adaptation pairs removed from the test set")):
+        lines += [f"Accuracy, {title}:", "", "| | " + " | ".join(columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        lines += [f"| {row['label']} | " + " | ".join(_cell(row[variant].get(c)) for c in columns) + " |"
+                  for row in report["rows"] if row[variant]]
+        lines.append("")
+    lines += ["Best single head per group (Table 1):", "", "| group | head | accuracy |", "|---|---|---|"]
+    lines += [f"| {g} | {b['head']} | {b['accuracy']:.3f} |" for g, b in report["best_heads"].items()]
+    evidence = report["evidence"]
+    lines += ["", (f"Prior strength (relative to the mean squared score gap) with the most evidence, summed over "
+              f"all {evidence['n']}-pair adaptation sets: {evidence['peak']:g} (the default's hyperprior is "
+              f"centred at {DEFAULT_STRENGTH:g}).")]
+    if report.get("gap_recovered"):
+        lines += ["", "Share of the gap from the population profile to the supervised head recovered (overall): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in report["gap_recovered"].items())]
+    if "synthetic" in report:
+        syn = report["synthetic"]
+        lines += ["", "Synthetic users (known truth): cosines of the principal angles between the planted preference "
+                  "directions and the span of the +PC heads: " + ", ".join(f"{c:.3f}" for c in
+                                                                          syn["principal_angle_cosines"])
+                  + f" (a random subspace of that size: {syn['random_subspace_cosine']:.3f}).", "",
+                  "| user | profile | accuracy vs labels | vs true utility | share of the ceiling (truth) |",
+                  "|---|---|---|---|---|"]
+        for user, profiles in syn["users"].items():
+            ceiling = profiles["ceiling (all labels)"]["truth"]
+            lines += [f"| {user} | {label} | {v['labels']:.3f} | {v['truth']:.3f} | {v['truth'] / ceiling:.2f} |"
+                      for label, v in profiles.items()]
+    if "rewardbench" in report:
+        lines += ["", "RewardBench sections:", ""]
+        lines += [f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+                  for name, scores in report["rewardbench"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: tuple[float, float] | None) -> str:
+    if value is None:
+        return ""
+    mean, std = value
+    return f"{mean:.3f} ({std:.3f})" if std > 0 else f"{mean:.3f}"

@@ -1,0 +1,168 @@
+"""HTTP routes over a `ScoringService`: parse, authenticate, call the service, turn its errors into statuses.
+
+Errors are JSON: `{"detail": "message"}`, and for 422 FastAPI's own list `{"detail": [{"loc": [...], "msg": ...}]}`
+so a client reads one shape for every invalid field, whether pydantic or the service found it.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_apps import schemas
+from serve_apps.data import Caller
+from serve_apps.service import ApiError, ScoringService
+
+UserPath = Annotated[str, Path(min_length=1, max_length=schemas.EXTERNAL_ID_MAX, pattern=schemas.NO_NUL)]
+api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from `rewardprism keys create`")
+
+
+async def caller(request: Request, key: Annotated[str | None, Depends(api_key)]) -> Caller:
+    return await request.app.state.service.authenticate(key)
+
+
+Auth = Annotated[Caller, Depends(caller)]
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over the live `max_request_bytes`, by Content-Length or as it streams."""
+
+    def __init__(self, app: ASGIApp, service: ScoringService):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.service.settings.max_request_bytes
+        too_large = HTTPException(413, f"request body over the limit of {limit} bytes")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await JSONResponse({"detail": too_large.detail}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large  # FastAPI passes HTTPExceptions raised while reading the body through
+            return message
+        await self.app(scope, counted, send)
+
+
+def create_api(service: ScoringService) -> FastAPI:
+    api = FastAPI(title="RewardPrism", version="1",
+                  description="Personalized reward scores: one backbone pass shared by all users, each user's "
+                              "own weights over the served head set. See docs/serve.md.")
+    api.state.service = service
+    api.add_middleware(BodyLimit, service=service)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 without echoing the input back: it may be huge, or NaN (which JSON cannot carry)."""
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @api.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        if exc.status == 422:
+            locs = [["body", *field.replace("]", "").replace("[", ".").split(".")] for field in exc.fields] or [["body"]]
+            detail: Any = [{"loc": [int(p) if p.isdigit() else p for p in loc], "msg": exc.message,
+                            "type": "value_error"} for loc in locs]
+        else:
+            detail = exc.message
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": detail}, status_code=exc.status, headers=headers)
+
+    @api.post("/v1/score", response_model=schemas.ScoreResponse, tags=["scoring"])
+    async def score(request: schemas.ScoreRequest, who: Auth) -> schemas.ScoreResponse:
+        """A personalized score per response (and each head's contribution, with `explain`)."""
+        return await service.score(who, request)
+
+    @api.post("/v1/compare", response_model=schemas.CompareResponse, tags=["scoring"])
+    async def compare(request: schemas.CompareRequest, who: Auth) -> schemas.CompareResponse:
+        """The probability that `a` is preferred over `b` by this user (Bradley-Terry on their scores)."""
+        return await service.compare(who, request)
+
+    @api.post("/v1/users/{user_id}/feedback", response_model=schemas.FeedbackResponse, tags=["users"])
+    async def feedback(user_id: UserPath, request: schemas.FeedbackRequest, who: Auth) -> schemas.FeedbackResponse:
+        """Store labelled pairs and re-adapt the user's profile from all their feedback; the next score uses it."""
+        return await service.feedback(who, user_id, request)
+
+    @api.get("/v1/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["users"])
+    async def profile(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
+        return await service.profile(who, user_id)
+
+    @api.post("/admin/users", response_model=schemas.UserOut, status_code=201, tags=["admin"])
+    async def create_user(body: schemas.UserCreate, who: Auth) -> schemas.UserOut:
+        return await service.create_user(who, body)
+
+    @api.get("/admin/users", response_model=schemas.UserPage, tags=["admin"])
+    async def list_users(who: Auth, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+                         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                         search: Annotated[str | None, Query(max_length=schemas.EXTERNAL_ID_MAX,
+                                                             pattern=schemas.NO_NUL)] = None,
+                         disabled: bool | None = None) -> schemas.UserPage:
+        return await service.list_users(who, offset, limit, search, disabled)
+
+    @api.get("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"])
+    async def get_user(user_id: UserPath, who: Auth) -> schemas.UserOut:
+        return await service.get_user(who, user_id)
+
+    @api.patch("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"])
+    async def patch_user(user_id: UserPath, body: schemas.UserPatch, who: Auth) -> schemas.UserOut:
+        return await service.set_disabled(who, user_id, body.disabled)
+
+    @api.delete("/admin/users/{user_id}", status_code=204, tags=["admin"])
+    async def delete_user(user_id: UserPath, who: Auth) -> Response:
+        """Delete the user with their profile, feedback and bound API keys."""
+        await service.delete_user(who, user_id)
+        return Response(status_code=204)
+
+    @api.post("/admin/users/{user_id}/reset", response_model=schemas.ProfileOut, tags=["admin"])
+    async def reset(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
+        """Back to the served head set's default weights (feedback is kept)."""
+        return await service.reset(who, user_id)
+
+    @api.put("/admin/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["admin"])
+    async def set_weights(user_id: UserPath, body: schemas.WeightsIn, who: Auth) -> schemas.ProfileOut:
+        return await service.set_weights(who, user_id, body)
+
+    @api.get("/admin/users/{user_id}/export", tags=["admin"])
+    async def export_user(user_id: UserPath, who: Auth) -> dict[str, Any]:
+        return await service.export_user(who, user_id)
+
+    @api.post("/admin/users/import", response_model=schemas.UserOut, status_code=201, tags=["admin"])
+    async def import_user(export: Annotated[dict[str, Any], Body()], who: Auth) -> schemas.UserOut:
+        """Recreate a user from an export (GET /admin/users/{id}/export)."""
+        try:
+            schemas.storable_json(export)
+        except ValueError as exc:
+            raise ApiError(422, str(exc), ["export"]) from None
+        return await service.import_user(who, export)
+
+    @api.get("/admin/head-sets", response_model=list[schemas.HeadSetOut], tags=["admin"])
+    async def list_head_sets(who: Auth) -> list[schemas.HeadSetOut]:
+        return await service.list_head_sets(who)
+
+    @api.post("/admin/head-sets", response_model=schemas.HeadSetOut, status_code=201, tags=["admin"])
+    async def register_head_set(body: schemas.HeadSetIn, who: Auth) -> schemas.HeadSetOut:
+        return await service.register_head_set(who, body)
+
+    @api.post("/admin/head-sets/{name}/{version}/activate", response_model=schemas.HeadSetOut, tags=["admin"])
+    async def activate_head_set(name: Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)],
+                                version: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)],
+                                who: Auth) -> schemas.HeadSetOut:
+        """Serve this version of `name` from now on (profiles over another version fall back to the default)."""
+        return await service.activate_head_set(who, name, version)
+
+    @api.get("/healthz", response_model=schemas.Health, tags=["ops"])
+    async def healthz() -> schemas.Health:
+        """Always 200 while the replica runs; `degraded` when the database is unreachable or no head set is active."""
+        return await service.health()
+
+    return api

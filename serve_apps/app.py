@@ -1,0 +1,138 @@
+"""The Ray Serve application: `serve run serve_apps/config.yaml` (or `rewardprism serve`).
+
+Two thin deployments over plain classes:
+- `Embedder` wraps `rewardprism.scoring.BatchScorer`: the backbone is loaded once per replica, and
+  `@serve.batch` gathers requests from every user and every ingress replica into one token-budget batched
+  forward pass, after which each request's own profile is applied (one small matrix product per batch).
+  Per-user multiplexing is deliberately not used: it would split batches by user.
+- `Ingress` wraps `serve_apps.service.ScoringService` behind FastAPI (`serve_apps.api`): auth, profiles from
+  the per-replica cache, feedback and adaptation, the admin API.
+
+Settings come from the environment (`serve_apps.settings`); `user_config` changes the live ones in place.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+from rewardprism.backbone import load_backbone
+from rewardprism.heads import HeadSet
+from rewardprism.scoring import BatchScorer, LruCache, ScoredJob, ScoreJob
+
+from serve_apps.api import create_api
+from serve_apps.service import HeadSetRef, ScoringService, Unavailable
+from serve_apps.settings import ServeSettings
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+class Embedder:
+    def __init__(self):
+        self.settings = ServeSettings.from_env()
+        self.scorers: dict[str, BatchScorer] = {}  # by backbone spec: normally one
+        # One thread runs every forward pass: the event loop stays free to gather the next batch, and the memory
+        # the allocator keeps for the batch shapes it has seen stays in one arena instead of one per thread.
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="embedder")
+        self.heads: LruCache[str, HeadSet] = LruCache(4)  # by content hash: the served one, and the last few
+        if self.settings.backbone:
+            self.scorer(self.settings.backbone)  # load at start, not on the first request
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.settings = ServeSettings.from_env().live(user_config)
+        self._batch.set_max_batch_size(self.settings.batch_max_requests)
+        self._batch.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+
+    def scorer(self, spec: str) -> BatchScorer:
+        if spec not in self.scorers:
+            backbone = load_backbone(spec, device=self.settings.device, max_length=self.settings.max_tokens)
+            self.scorers[spec] = BatchScorer(backbone, self.settings.token_budget, self.settings.max_batch)
+        return self.scorers[spec]
+
+    def head_set(self, ref: HeadSetRef) -> HeadSet:
+        heads = self.heads.get(ref.content_hash)
+        if heads is None:
+            heads = HeadSet.load(ref.uri)
+            if heads.content_hash != ref.content_hash:
+                raise ValueError(f"head set at {ref.uri} has hash {heads.content_hash}, not {ref.content_hash}")
+            self.heads.put(ref.content_hash, heads)
+        return heads
+
+    async def score(self, ref: HeadSetRef, job: ScoreJob) -> ScoredJob:
+        result = await self._batch((ref, job))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batch(self, requests: list[tuple[HeadSetRef, ScoreJob]]) -> list[ScoredJob | Exception]:
+        """All requests in one forward pass per head set (normally one); a failing group fails only itself."""
+        groups: dict[HeadSetRef, list[int]] = defaultdict(list)
+        for i, (ref, _) in enumerate(requests):
+            groups[ref].append(i)
+        results: list[ScoredJob | Exception] = [ValueError("not scored")] * len(requests)
+        for ref, members in groups.items():
+            try:
+                heads = self.head_set(ref)
+                scorer = self.scorer(self.settings.backbone or ref.backbone)
+                scored = await asyncio.get_running_loop().run_in_executor(
+                    self.compute, scorer.score, heads, [requests[i][1] for i in members])
+            except Exception as exc:  # noqa: BLE001 (handed to each caller of the group, who re-raises it)
+                scored = [exc] * len(members)
+            for i, result in zip(members, scored):
+                results[i] = result
+        return results
+
+
+class RayMetrics:
+    """The service's Prometheus metrics, next to Serve's own (request counts, latencies, batch sizes)."""
+
+    def __init__(self):
+        self.responses = Counter("rewardprism_responses_scored", "responses scored, by profile kind",
+                                 tag_keys=("profile",))
+        self.lookups = Counter("rewardprism_profile_cache_lookups", "profile cache lookups: hit, miss, unverified",
+                               tag_keys=("result",))
+        self.pairs = Counter("rewardprism_feedback_pairs", "feedback pairs stored")
+        self.adaptation = Histogram("rewardprism_adaptation_seconds", "feedback call: embed, adapt and commit",
+                                    boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
+
+    def scored(self, responses: int, personalized: bool) -> None:
+        self.responses.inc(responses, tags={"profile": "user" if personalized else "default"})
+
+    def cache(self, result: str) -> None:
+        self.lookups.inc(tags={"result": result})
+
+    def adapted(self, seconds: float, pairs: int) -> None:
+        self.adaptation.observe(seconds)
+        self.pairs.inc(pairs)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+@serve.ingress()
+class Ingress:
+    async def __init__(self, embedder: DeploymentHandle):
+        self.embedder = embedder
+        self.service = ScoringService(ServeSettings.from_env(), self.embed, RayMetrics())
+        await self.service.start()
+
+    async def embed(self, ref: HeadSetRef, job: ScoreJob) -> ScoredJob:
+        try:
+            return await self.embedder.score.remote(ref, job)
+        except RayActorError:  # the replica died under this request; Serve is starting another
+            raise Unavailable("the embedding replica failed; retry") from None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.service)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.service.reconfigure(ServeSettings.from_env().live(user_config))
+
+    async def __del__(self):
+        await self.service.close()
+
+
+app = Ingress.bind(Embedder.bind())

@@ -1,0 +1,219 @@
+"""Request and response bodies of the HTTP API, separate from the store's tables but sharing their limits.
+
+Unknown fields are refused (a misspelt `response` must not pass as "no responses"). Numbers that reach a
+profile must be finite and bounded, so NaN or inf can neither come in nor go out.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from rewardprism.data import Prompt
+from rewardprism.scoring import MAX_ABS_WEIGHT
+from rewardprism.store import Limits
+from rewardprism.store.models import EXTERNAL_ID_MAX, NAME_MAX, SOURCE_MAX, URI_MAX
+
+LIMITS = Limits()  # the store's field limits; it checks them again (with any RP_MAX_* overrides) on write
+MAX_RESPONSES = 1024  # the schema's hard cap; the live limit (settings.max_responses) is checked per request
+
+NO_NUL = r"^[^\x00]*$"  # Postgres text cannot hold NUL characters: refuse them at the door, for every backend
+
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=EXTERNAL_ID_MAX, pattern=NO_NUL)]
+Text = Annotated[str, StringConstraints(max_length=LIMITS.max_text_chars, pattern=NO_NUL)]
+PromptText = Annotated[str, StringConstraints(min_length=1, max_length=LIMITS.max_text_chars, pattern=NO_NUL)]
+Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT)]
+
+
+def storable_json(document: Any) -> Any:
+    """A JSON document the store can keep: no NaN or infinity, no NUL character anywhere (JSONB refuses it)."""
+    try:
+        text = json.dumps(document, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"must be plain JSON without NaN or infinity ({exc})") from None
+    if "\\u0000" in text:
+        raise ValueError("must not contain NUL characters")
+    return document
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(Body):
+    role: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NO_NUL)]
+    content: Text
+
+
+def _absent_not_null(schema: dict[str, Any]) -> None:
+    """In the JSON schema, an optional field is its type, left out when absent (`oneOf`), never `null`."""
+    schema.update(next(s for s in schema.pop("anyOf") if s.get("type") != "null"))
+
+
+class Conversation(Body):
+    """A prompt as plain text (`prompt`) or as chat messages (`messages`): exactly one of them."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+
+    prompt: PromptText | None = Field(None, json_schema_extra=_absent_not_null)
+    messages: list[Message] | None = Field(None, min_length=1, max_length=256, json_schema_extra=_absent_not_null)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Conversation:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (chat turns)")
+        return self
+
+    @property
+    def conversation(self) -> Prompt:
+        return self.prompt if self.prompt is not None else [m.model_dump() for m in self.messages or []]
+
+
+class ScoreRequest(Conversation):
+    user_id: UserId | None = Field(None, description="omit for the default profile (or a key's bound user)")
+    responses: list[Text] = Field(min_length=1, max_length=MAX_RESPONSES)
+    explain: bool = Field(False, description="add each head's contribution to every score")
+    explain_top: int | None = Field(None, ge=1, description="only the heads with the largest contributions")
+
+
+class CompareRequest(Conversation):
+    user_id: UserId | None = None
+    a: Text
+    b: Text
+
+
+class PairIn(Conversation):
+    chosen: Text
+    rejected: Text
+    source: Annotated[str, StringConstraints(min_length=1, max_length=SOURCE_MAX, pattern=NO_NUL)] = "api"
+
+
+class FeedbackRequest(Body):
+    pairs: list[PairIn] = Field(min_length=1, max_length=LIMITS.max_pairs_per_call)
+
+
+class ProfileUsed(BaseModel):
+    """Which profile scored a request, and why it was the default one when it was."""
+
+    user_id: str | None
+    version: int | None = Field(description="the stored profile's version; null for the default profile")
+    source: Literal["user", "default"]
+    reason: Literal["no_user", "unknown_user", "no_profile", "other_head_set", "invalid_profile",
+                    "database_unavailable"] | None = None
+    stale: bool = Field(False, description="the database could not be asked in time: this replica's last known "
+                                           "state of the user was used")
+
+
+class Contribution(BaseModel):
+    head: str
+    head_score: float
+    weight: float
+    contribution: float
+
+
+class ScoredResponse(BaseModel):
+    index: int
+    score: float
+    truncated: bool = Field(description="the text was longer than the token limit and its end was cut")
+    explanation: list[Contribution] | None = None
+
+
+class ScoreResponse(BaseModel):
+    scores: list[ScoredResponse]
+    bias: float = Field(description="the profile's bias: each score is its contributions' sum plus this")
+    profile: ProfileUsed
+    head_set: str
+
+
+class CompareResponse(BaseModel):
+    probability_a: float = Field(description="P(a preferred over b) = sigmoid(score_a - score_b)")
+    score_a: float
+    score_b: float
+    truncated: bool
+    profile: ProfileUsed
+    head_set: str
+
+
+class ProfileOut(BaseModel):
+    user_id: str
+    version: int | None
+    head_set: str
+    method: str
+    n_pairs: int
+    bias: float
+    weights: list[float]
+    head_names: list[str]
+    updated_at: datetime | None
+
+
+class FeedbackResponse(BaseModel):
+    user_id: str
+    stored: int = Field(description="pairs stored by this call")
+    profile: ProfileOut
+
+
+# ---------------------------------------------------------------------------------------------- admin
+
+
+class UserCreate(Body):
+    external_id: UserId
+    display_name: Annotated[str, StringConstraints(max_length=NAME_MAX, pattern=NO_NUL)] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _storable(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        return storable_json(metadata)
+
+
+class UserPatch(Body):
+    disabled: bool
+
+
+class UserOut(BaseModel):
+    external_id: str
+    display_name: str | None
+    metadata: dict[str, Any]
+    disabled: bool
+    created_at: datetime
+    profile: ProfileOut | None
+
+
+class UserPage(BaseModel):
+    items: list[UserOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class WeightsIn(Body):
+    weights: list[Weight] = Field(min_length=1, max_length=4096)
+    bias: Weight = 0.0
+    expected_version: int | None = Field(None, description="refuse (409) if the profile moved past this version")
+
+
+class HeadSetIn(Body):
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=URI_MAX, pattern=NO_NUL)] = Field(
+        description="a folder written by HeadSet.save, readable by every replica")
+    activate: bool = False
+
+
+class HeadSetOut(BaseModel):
+    name: str
+    version: str
+    kind: str
+    backbone: str
+    dim: int
+    num_heads: int
+    content_hash: str
+    uri: str
+    active: bool
+    created_at: datetime
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: Literal["ok", "unreachable"]
+    head_set: str | None
+    cached_profiles: int

@@ -1,0 +1,98 @@
+"""The service's settings: one validated object, read from the environment once per replica.
+
+Every field has an environment variable: DATABASE_URL, or RP_ and the field's name in capitals
+(`max_responses` → RP_MAX_RESPONSES). The `LIVE` fields can also be changed while the service
+runs, through the deployments' `user_config` in `config.yaml` (`reconfigure()`), without restarting replicas;
+a value in `user_config` wins over the environment. DATABASE_URL is a secret: it is held as a `SecretStr`, so
+it never appears in a repr or a log line, and a placeholder password is refused.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from rewardprism.store import StoreSettings
+from rewardprism.store.config import DEFAULT_URL, normalize_url
+
+PLACEHOLDER_PASSWORDS = {"changethis", "changeme", "change-me", "password", "secret"}
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    database_url: SecretStr = SecretStr(DEFAULT_URL)
+    head_set: str = Field("default", min_length=1, description="name whose active version is served")
+    backbone: str | None = Field(None, description="backbone spec to use instead of the head set's own")
+    device: str = "cpu"
+    # Tokens per (prompt, response) text. Longer texts keep their first `max_tokens` tokens (the cut the head
+    # set's training embeddings got) and are flagged `truncated`, or are refused with 422 under `reject`.
+    max_tokens: int = Field(512, ge=8, le=8192)
+    over_length: Literal["truncate", "reject"] = "truncate"
+    token_budget: int = Field(16384, ge=64, description="padded tokens per forward pass")
+    max_batch: int = Field(64, ge=1, description="texts per forward pass")
+    batch_max_requests: int = Field(32, ge=1, le=1024, description="requests gathered by one @serve.batch")
+    batch_wait_s: float = Field(0.005, ge=0, le=1)
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="larger bodies get 413")
+    max_responses: int = Field(64, ge=1, le=1024, description="responses per score request; more get 422")
+    unknown_user: Literal["default", "404"] = "default"
+    adaptation: Literal["default", "hyre", "bt"] = "default"
+    profile_cache_size: int = Field(100_000, ge=1)
+    version_check_timeout_s: float = Field(0.5, gt=0, description="past this, a cached profile is used unchecked "
+                                                                  "(a user with none cached waits)")
+    head_set_poll_s: float = Field(1.0, gt=0, description="how often the active head set is re-read")
+    auth_cache_s: float = Field(30.0, ge=0, description="a verified API key is trusted this long")
+    pair_cache_size: int = Field(50_000, ge=1, description="feedback pairs whose head scores are kept")
+    db_timeout_s: int = Field(5, ge=1, description="connect timeout; an unreachable database fails this fast")
+
+    @field_validator("database_url")
+    @classmethod
+    def _no_placeholder(cls, url: SecretStr) -> SecretStr:
+        normalized = normalize_url(url.get_secret_value())
+        if sa.make_url(normalized).password in PLACEHOLDER_PASSWORDS:
+            raise ValueError("DATABASE_URL holds a placeholder password: set a real one")
+        return SecretStr(normalized)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServeSettings:
+        values = {field: env[name] for field, name in ENV.items() if env.get(name)}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ValueError(_explain(exc, ENV)) from None
+
+    def live(self, user_config: Mapping[str, Any] | None) -> ServeSettings:
+        """These settings with `user_config` applied; only `LIVE` fields may appear in it."""
+        user_config = dict(user_config or {})
+        fixed = sorted(set(user_config) - LIVE)
+        if fixed:
+            raise ValueError(f"user_config may set only {', '.join(sorted(LIVE))}; not {', '.join(fixed)}")
+        try:
+            return self.model_validate({**self.model_dump(), "database_url": self.database_url, **user_config})
+        except ValidationError as exc:
+            raise ValueError(_explain(exc, {f: f"user_config.{f}" for f in LIVE})) from None
+
+    def store(self) -> StoreSettings:
+        """The store's settings (pool, limits) for this URL, with a connect timeout on Postgres."""
+        url = sa.make_url(self.database_url.get_secret_value())
+        if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+            url = url.update_query_dict({"connect_timeout": str(self.db_timeout_s)})
+        return StoreSettings.from_env(url.render_as_string(hide_password=False))
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting: DATABASE_URL, else RP_ and the field's name in capitals."""
+    return "DATABASE_URL" if field == "database_url" else f"RP_{field.upper()}"
+
+
+ENV = {field: env_name(field) for field in ServeSettings.model_fields}
+LIVE = frozenset({"over_length", "batch_max_requests", "batch_wait_s", "max_request_bytes", "max_responses",
+                  "unknown_user", "adaptation", "version_check_timeout_s", "auth_cache_s"})
+
+
+def _explain(exc: ValidationError, names: Mapping[str, str]) -> str:
+    """Pydantic's errors, each named by the variable the user set (never echoing DATABASE_URL's value)."""
+    return "; ".join(f"{names.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'settings'}: {e['msg']}"
+                     for e in exc.errors())

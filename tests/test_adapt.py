@@ -1,0 +1,154 @@
+"""Adaptation against direct NumPy statements: the HyRe steps one user at a time, the MAP-BT optimality conditions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rewardprism.adapt import adapt_profile, adapt_users, bt, hyre, prior_strength_evidence
+
+
+def hyre_reference(chosen: np.ndarray, rejected: np.ndarray, temperature: float = 1.0):
+    """One user, as the issue states it: pooled mean and unbiased std of the 2n scores (std 0 → 1) per head,
+    loss_h = Σᵢ −log σ(z_chosen − z_rejected), w = softmax(−loss / T); returns w, m, sd."""
+    pooled = np.concatenate([chosen, rejected])  # (2n, H)
+    m = pooled.mean(0)
+    sd = pooled.std(0, ddof=1)
+    sd[sd == 0] = 1.0
+    zc, zr = (chosen - m) / sd, (rejected - m) / sd
+    loss = np.log1p(np.exp(-(zc - zr))).sum(0)
+    w = np.exp(-(loss - loss.min()) / temperature)
+    return w / w.sum(), m, sd
+
+
+def random_users(users: int, n: int, heads: int, seed: int = 0):
+    rng = np.random.RandomState(seed)
+    return rng.randn(users, n, heads), rng.randn(users, n, heads)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_hyre_matches_the_reference_steps(temperature):
+    chosen, rejected = random_users(5, 7, 9)
+    chosen[:, :, 4] = 2.5  # a constant head: std 0 → 1
+    rejected[:, :, 4] = 2.5
+    weights, bias = hyre(chosen, rejected, temperature=temperature)
+    probe = np.random.RandomState(1).randn(11, 9)  # arbitrary responses' head scores
+    for u in range(5):
+        w, m, sd = hyre_reference(chosen[u], rejected[u], temperature)
+        np.testing.assert_allclose(weights[u] * sd, w, rtol=1e-10)
+        # folded profile over raw scores = the reference's Σ_h w_h (s_h − m_h) / sd_h
+        np.testing.assert_allclose(probe @ weights[u] + bias[u], ((probe - m) / sd) @ w, rtol=1e-9, atol=1e-12)
+
+
+def test_hyre_structured_input_puts_the_weight_on_the_agreeing_head():
+    rng = np.random.RandomState(2)
+    chosen, rejected = rng.randn(1, 30, 6), rng.randn(1, 30, 6)
+    chosen[0, :, 3] = rejected[0, :, 3] + 2.0 + 0.1 * rng.randn(30)  # head 3 always prefers the chosen side
+    weights, _ = hyre(chosen, rejected)
+    assert weights[0].argmax() == 3
+
+
+def test_padding_with_a_mask_equals_separate_calls():
+    chosen, rejected = random_users(3, 8, 5, seed=3)
+    lengths = [8, 3, 5]
+    mask = np.arange(8)[None] < np.array(lengths)[:, None]
+    garbage = np.where(mask[..., None], chosen, 1e6)  # padded entries must never matter
+    for method in ("hyre", "bt", "default"):
+        weights, bias = adapt_users(garbage, rejected, np.full(5, 0.2), mask, method=method)
+        for u, n in enumerate(lengths):
+            w, b = adapt_profile(chosen[u, :n], rejected[u, :n], np.full(5, 0.2), method=method)
+            np.testing.assert_allclose(weights[u], w, rtol=1e-7, atol=1e-10)
+            assert bias[u] == pytest.approx(b, abs=1e-9)
+
+
+def bt_gradient(x: np.ndarray, w: np.ndarray, prior: np.ndarray, l2: float) -> np.ndarray:
+    """∇ of Σᵢ log(1 + exp(−w·xᵢ)) + l2/2 ‖w − prior‖², in plain NumPy."""
+    return -(x * (1 / (1 + np.exp(x @ w)))[:, None]).sum(0) + l2 * (w - prior)
+
+
+@pytest.mark.parametrize("strength", [0.5, 50.0])
+def test_bt_is_the_map_estimate(strength):
+    chosen, rejected = random_users(4, 12, 7, seed=4)
+    prior = np.random.RandomState(5).randn(7)
+    weights, bias = bt(chosen, rejected, prior=prior, strength=strength)
+    assert not bias.any()
+    for u in range(4):
+        x = chosen[u] - rejected[u]
+        l2 = strength * (x ** 2).mean()
+        assert np.abs(bt_gradient(x, weights[u], prior, l2)).max() < 1e-6 * max(l2, 1)
+    absolute, _ = bt(chosen, rejected, prior=prior, l2=3.0)
+    assert np.abs(bt_gradient(chosen[0] - rejected[0], absolute[0], prior, 3.0)).max() < 1e-6
+
+
+def test_bt_ranking_ignores_a_common_rescaling_of_the_heads():
+    chosen, rejected = random_users(2, 10, 6, seed=6)
+    prior = np.random.RandomState(7).randn(6)
+    weights, _ = bt(chosen, rejected, prior=prior)
+    scaled, _ = bt(chosen * 100, rejected * 100, prior=prior / 100)
+    np.testing.assert_allclose(scaled * 100, weights, rtol=1e-6)
+
+
+def test_a_strong_prior_keeps_the_population_profile_and_a_weak_one_fits_the_labels():
+    rng = np.random.RandomState(8)
+    chosen, rejected = rng.randn(1, 40, 4), rng.randn(1, 40, 4)
+    chosen[0, :, 2] += 3.0  # the labels follow head 2; the prior says head 0
+    prior = np.array([1.0, 0, 0, 0])
+    strong, _ = bt(chosen, rejected, prior=prior, strength=1e6)
+    weak, _ = bt(chosen, rejected, prior=prior, strength=1e-2)
+    np.testing.assert_allclose(strong[0], prior, atol=1e-4)
+    assert np.abs(weak[0]).argmax() == 2
+
+
+def test_incremental_update_warm_start_equals_refit():
+    chosen, rejected = random_users(1, 20, 8, seed=9)
+    prior = np.full(8, 0.1)
+    before, _ = adapt_profile(chosen[0, :12], rejected[0, :12], prior, "bt")
+    after, _ = adapt_profile(chosen[0], rejected[0], prior, "bt", init=before)
+    scratch, _ = adapt_profile(chosen[0], rejected[0], prior, "bt")
+    np.testing.assert_allclose(after, scratch, atol=1e-8)
+
+
+def test_adaptation_is_deterministic():
+    chosen, rejected = random_users(3, 6, 5, seed=10)
+    for method in ("hyre", "default"):
+        a, b = adapt_users(chosen, rejected, np.ones(5), method=method), adapt_users(chosen, rejected, np.ones(5),
+                                                                                      method=method)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_evidence_prefers_a_strong_prior_when_users_agree_with_it():
+    rng = np.random.RandomState(11)
+    heads = 6
+    prior = np.array([2.0, 0, 0, 0, 0, 0])
+    chosen, rejected = rng.randn(20, 10, heads), rng.randn(20, 10, heads)
+    margin = (chosen - rejected) @ prior
+    agree_c = np.where((margin > 0)[..., None], chosen, rejected)  # labels from the prior's own ranking
+    agree_r = np.where((margin > 0)[..., None], rejected, chosen)
+    other = (chosen - rejected)[..., 3] > 0  # labels from head 3 instead
+    differ_c, differ_r = np.where(other[..., None], chosen, rejected), np.where(other[..., None], rejected, chosen)
+    strengths = np.logspace(-1, 3, 5)
+    best_agree = strengths[prior_strength_evidence(agree_c, agree_r, prior=prior, strengths=strengths).argmax()]
+    best_differ = strengths[prior_strength_evidence(differ_c, differ_r, prior=prior, strengths=strengths).argmax()]
+    assert best_agree > best_differ
+
+
+def test_clear_errors():
+    chosen, rejected = random_users(2, 4, 3)
+    with pytest.raises(ValueError, match="unknown adaptation method 'magic'"):
+        adapt_users(chosen, rejected, method="magic")
+    with pytest.raises(ValueError, match=r"prior weights must be finite, \(3,\)"):
+        adapt_users(chosen, rejected, np.ones(4))
+    with pytest.raises(ValueError, match="both be"):
+        adapt_users(chosen, rejected[:, :, :2])
+    with pytest.raises(ValueError, match=r"chosen_scores must be \(pairs, heads\)"):
+        adapt_profile(chosen, rejected, None)
+    bad = chosen.copy()
+    bad[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        adapt_users(bad, rejected)
+    mask = np.ones((2, 4), dtype=bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"user\(s\) \[1\] have no labelled pairs"):
+        adapt_users(chosen, rejected, mask=mask, method="hyre")
+    with pytest.raises(ValueError, match="strength must be positive"):
+        bt(chosen, rejected, strength=0.0)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        hyre(chosen, rejected, temperature=0)

@@ -1,0 +1,183 @@
+"""The evaluation protocol, the synthetic known-truth checks, the CLI commands and the train_drm recipe."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from rewardprism.cli import app
+from rewardprism.data import save_pairs
+from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
+from rewardprism.embed import PAIRS, ShardWriter
+from rewardprism.evaluate import (
+    REWARDBENCH_COUNTS,
+    ScoredPairs,
+    Split,
+    evaluate_adaptation,
+    random_heads,
+    rewardbench_scores,
+    sample_adaptation,
+    synthetic_report,
+)
+from rewardprism.synthetic import SyntheticGenerator, rating_matrix
+from typer.testing import CliRunner
+
+
+def scored(groups: list[str], heads: int = 4, seed: int = 0) -> ScoredPairs:
+    rng = np.random.RandomState(seed)
+    return ScoredPairs(rng.randn(len(groups), heads), rng.randn(len(groups), heads), np.array(groups))
+
+
+def test_sampling_is_deterministic_distinct_and_within_the_group():
+    pairs = scored(["a"] * 10 + ["b"] * 6)
+    picks = sample_adaptation(pairs, 5, seeds=range(4))
+    again = sample_adaptation(pairs, 5, seeds=range(4))
+    assert list(picks) == ["a", "b"]
+    for group, idx in picks.items():
+        assert idx.shape == (4, 5) and np.array_equal(idx, again[group])
+        assert all(len(set(row)) == 5 and (pairs.groups[row] == group).all() for row in idx)
+
+
+def test_sampling_errors_name_the_group():
+    pairs = scored(["a"] * 10 + ["b"] * 3)
+    with pytest.raises(ValueError, match="n=4 adaptation pairs but group 'b' has only 3"):
+        sample_adaptation(pairs, 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_adaptation(pairs, 0)
+    with pytest.raises(ValueError, match="group 'c' has no pairs"):
+        sample_adaptation(pairs, 2, groups=["c"])
+
+
+def test_reference_and_honest_accuracy_against_a_direct_loop():
+    pairs = scored(["a"] * 12 + ["b"] * 9, heads=5, seed=1)
+    result = evaluate_adaptation(pairs, 4, method="hyre", seeds=range(3))
+    picks = sample_adaptation(pairs, 4, seeds=range(3))
+    from rewardprism.adapt import adapt_profile
+
+    for g, group in enumerate(["a", "b"]):
+        members = np.flatnonzero(pairs.groups == group)
+        for s in range(3):
+            w, _ = adapt_profile(pairs.chosen[picks[group][s]], pairs.rejected[picks[group][s]], None, "hyre")
+            correct = pairs.chosen[members] @ w > pairs.rejected[members] @ w
+            kept = ~np.isin(members, picks[group][s])
+            assert result.correct[g, s] / result.total[g, s] == pytest.approx(correct.mean())
+            assert result.honest_correct[g, s] / result.honest_total[g, s] == pytest.approx(correct[kept].mean())
+            assert result.honest_total[g, s] == len(members) - 4
+    summary = result.summary()
+    per_seed = (result.correct / result.total).mean(0)
+    assert summary["overall"] == pytest.approx((per_seed.mean(), per_seed.std()))
+
+
+def test_cross_source_adaptation_needs_the_same_heads_and_groups():
+    test, source = scored(["a"] * 8), scored(["a"] * 8, heads=3)
+    with pytest.raises(ValueError, match="source has 3 heads, test 4"):
+        evaluate_adaptation(test, 2, method="hyre", source=source)
+    with pytest.raises(ValueError, match="group 'a' has no pairs"):
+        evaluate_adaptation(test, 2, method="hyre", source=scored(["z"] * 8))
+    result = evaluate_adaptation(test, 2, method="hyre", source=scored(["a"] * 8, seed=2), seeds=range(2))
+    assert result.honest_correct is None and result.summary(honest=True) == {}
+
+
+def test_rewardbench_sections_weigh_subsets_by_count():
+    subsets = np.array(["math-prm"] * 4 + ["hep-go"] * 2 + ["refusals-dangerous"] * 5)
+    correct = np.array([1, 1, 1, 0] + [0, 1] + [1, 1, 1, 1, 0], dtype=bool)
+    scores = rewardbench_scores(correct, subsets)
+    math, code = REWARDBENCH_COUNTS["math-prm"], REWARDBENCH_COUNTS["hep-go"]
+    assert scores["Reasoning"] == pytest.approx((0.75 * math + 0.5 * code) / (math + code))
+    assert scores["Safety"] == pytest.approx(0.8)
+    assert scores["score"] == pytest.approx((scores["Reasoning"] + 0.8) / 2)
+    assert "Chat" not in scores
+
+
+def test_random_heads():
+    for distribution in ("uniform", "gaussian"):
+        heads = random_heads(16, 10, distribution, seed=3)
+        np.testing.assert_allclose(np.linalg.norm(heads, axis=1), 1.0)
+        assert np.array_equal(heads, random_heads(16, 10, distribution, seed=3))
+    with pytest.raises(ValueError, match="'uniform' or 'gaussian'"):
+        random_heads(4, 2, "cauchy")
+
+
+def linear_synthetic(per_user: int = 150, dim: int = 24, noise: float = 0.05, seed: int = 0):
+    """Synthetic pairs with features φ = A · ratings + noise, A (d, 6) orthonormal: the planted directions are
+    known exactly in feature space."""
+    pairs = SyntheticGenerator(seed).dataset(per_user)
+    rng = np.random.RandomState(seed)
+    basis, _ = np.linalg.qr(rng.randn(dim, 6))
+    chosen = rating_matrix(pairs, "chosen") @ basis.T + noise * rng.randn(len(pairs), dim)
+    rejected = rating_matrix(pairs, "rejected") @ basis.T + noise * rng.randn(len(pairs), dim)
+    return Split.of(chosen, rejected, pairs)
+
+
+def test_synthetic_heads_span_the_planted_directions_and_adaptation_nears_the_ceiling():
+    data = linear_synthetic(per_user=120)
+    dec = PreferenceDecomposition(6).fit(data.chosen[data.train], data.rejected[data.train])
+    population = fit_population_head(data.chosen[data.train], data.rejected[data.train])
+    heads = build_head_set(dec, population, backbone="linear")
+    report = synthetic_report(data, heads, n=15, seeds=range(10), methods=("hyre", "default"))
+    assert min(report["principal_angle_cosines"]) > 0.999
+    share = {user: p["default (hierarchical BT) n=15"]["truth"] / p["ceiling (all labels)"]["truth"]
+             for user, p in report["users"].items()}
+    assert min(share.values()) > 0.75 and np.mean(list(share.values())) > 0.85
+    # the check can fail: random directions of the same size do not span the planted ones
+    noise = random_heads(24, 6, "gaussian")
+    lost = synthetic_report(data, build_head_set(_as_decomposition(noise, dec), population, backbone="x"), n=15,
+                            seeds=range(2), methods=("hyre",))
+    assert min(lost["principal_angle_cosines"]) < 0.9
+
+
+def _as_decomposition(components: np.ndarray, like: PreferenceDecomposition) -> PreferenceDecomposition:
+    """A decomposition whose components are replaced (random baseline heads in the DRM layout)."""
+    other = PreferenceDecomposition(len(components)).fit_moments(like.moments_)
+    other.components_ = components
+    return other
+
+
+def write_embedding_folder(path, data: Split) -> None:
+    writer = ShardWriter(path, "linear", data.chosen.shape[1], dataset="linear synthetic")
+    for number, start in enumerate(range(0, len(data.chosen), 256)):
+        writer.write(number, f"fp{number}", data.chosen[start:start + 256].astype(np.float32),
+                     data.rejected[start:start + 256].astype(np.float32), 0)
+    save_pairs(data.pairs, path / PAIRS)
+
+
+def test_cli_decompose_adapt_evaluate(tmp_path):
+    data = linear_synthetic(per_user=60)
+    write_embedding_folder(tmp_path / "emb", data)
+    runner = CliRunner()
+    out = runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "heads"),
+                              "--components", "6"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["heads"] == 13
+    out = runner.invoke(app, ["adapt", "--heads", str(tmp_path / "heads"), "--embeddings", str(tmp_path / "emb"),
+                              "--group", "concise", "--limit", "10", "--out", str(tmp_path / "profile.json")])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "profile.json").read_text())["pairs"] == 10
+    out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", str(tmp_path / "heads"),
+                              "--n", "5", "--seeds", "3", "--out", str(tmp_path / "report.md")])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {row["label"] for row in report["rows"]} >= {"HyRe n=5", "default (hierarchical BT) n=5"}
+    assert "Synthetic users" in (tmp_path / "report.md").read_text()
+    # clear one-line errors that name the option
+    out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", str(tmp_path / "heads"),
+                              "--n", "500"])
+    assert out.exit_code == 2 and "n=500 adaptation pairs but group" in out.output
+    out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "nope"), "--heads", str(tmp_path / "heads")])
+    assert out.exit_code == 2 and "--embeddings:" in out.output
+    out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", str(tmp_path / "heads"),
+                              "--methods", "hyre,magic"])
+    assert out.exit_code == 2 and "--methods: unknown ['magic']" in out.output
+
+
+def test_train_drm_recipe_runs_end_to_end_on_a_tiny_backbone(tmp_path):
+    from train_drm import main
+
+    main(["--dataset", "synthetic", "--synthetic_per_user", "24", "--backbone", "tiny-bert", "--max_length", "64",
+          "--n_components", "4", "--n_values", "[3]", "--seeds", "2", "--use_ray", "false",
+          "--output_dir", str(tmp_path / "run")])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["config"]["backbone"] == "tiny-bert" and report["head_set"]["num_heads"] == 9
+    assert (tmp_path / "run" / "heads" / "headset.json").exists()
+    with pytest.raises(SystemExit):
+        main(["--dataset", "synthetic", "--n_components", "0", "--use_ray", "false"])

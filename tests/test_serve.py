@@ -1,0 +1,682 @@
+"""The scoring service over real HTTP: a real Serve app on the session's Ray cluster, a real Postgres database.
+
+One application serves the whole module (2 ingress and 2 embedder replicas over the tiny backbone, a random head
+set) against a Postgres database of this module's own, so the fault tests can cut it off without touching
+anyone else's: the database is made unreachable for real with `ALTER DATABASE ... ALLOW_CONNECTIONS false` and
+`pg_terminate_backend` on its sessions (new connections are refused, open ones die), then allowed again. One
+test runs a second application on SQLite. Expected scores and profiles are recomputed here from the library
+(backbone, head set, adaptation), never copied from the service.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from rewardprism import store
+from rewardprism.backbone import load_backbone
+from rewardprism.data import render
+from rewardprism.heads import HeadSet
+from rewardprism.store.migrate import upgrade
+
+from serve_apps import local
+
+MAX_TOKENS = 48
+ENV = {"RP_MAX_TOKENS": str(MAX_TOKENS), "RP_HEAD_SET_POLL_S": "0.5", "RP_DB_TIMEOUT_S": "2"}  # settings.py
+LIVE = {"max_responses": 16, "max_request_bytes": 65536}  # the Ingress user_config on top of config.yaml's
+FUZZ_EXAMPLES = int(os.environ.get("RP_FUZZ_EXAMPLES", "80"))  # per generation mode, over all operations
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Keys:
+    admin: str
+    client: str  # score + feedback, any user
+    scorer: str  # score only
+    alice: str  # score + feedback, bound to alice
+
+
+@dataclass
+class Service:
+    port: int
+    url: str
+    database: str  # the module's own Postgres database
+    name: str
+    heads: HeadSet
+    heads_dir: Path
+    keys: Keys
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"X-API-Key": key} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def random_head_set(dim: int, heads: int, version: str, seed: int) -> HeadSet:
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(heads, dim)) / np.sqrt(dim)
+    return HeadSet(weight, np.zeros(heads), [f"head{i}" for i in range(heads)], "drm", "tiny-bert",
+                   np.eye(heads)[0], name="default", version=version)
+
+
+def app_config(name: str, route_prefix: str, database_url: str, replicas: int, **user_config) -> dict:
+    return local.app_config(name, route_prefix, {**ENV, "DATABASE_URL": database_url}, replicas=replicas,
+                            user_config={**LIVE, **user_config})
+
+
+@pytest.fixture(scope="module")
+def admin_engine(postgres_url):
+    engine = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, admin_engine, postgres_url, tmp_path_factory) -> Service:
+    from ray import serve
+
+    name = f"rp_serve_{uuid.uuid4().hex[:8]}"
+    with admin_engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    heads = random_head_set(load_backbone("tiny-bert", device="cpu").dim, 8, "1", seed=0)
+    heads_dir = heads.save(tmp_path_factory.mktemp("heads") / "v1")
+    engine = store.make_engine(store.StoreSettings.from_env(url))
+    with store.make_sessions(engine).begin() as session:
+        store.register_head_set(session, name=heads.name, version=heads.version, kind=heads.kind,
+                                backbone=heads.backbone, dim=heads.dim, num_heads=heads.num_heads,
+                                head_names=heads.head_names, default_weights=heads.default_weights.tolist(),
+                                uri=str(heads_dir), content_hash=heads.content_hash, activate=True)
+        store.create_user(session, "alice")
+        keys = Keys(*(store.create_api_key(session, scopes, user_external_id=user)[1] for scopes, user in
+                      ((["admin"], None), (["score", "feedback"], None), (["score"], None),
+                       (["score", "feedback"], "alice"))))
+    engine.dispose()
+    port = free_port()
+    local.run_config(port, app_config("rp", "/", url, replicas=2))
+    yield Service(port, f"http://127.0.0.1:{port}", url, name, heads, heads_dir, keys)
+    serve.shutdown()
+    with admin_engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("tiny-bert", device="cpu", max_length=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def db(service):
+    engine = sa.create_engine(service.database, pool_pre_ping=True)  # survives the outage test
+    yield engine
+    engine.dispose()
+
+
+def expected_head_scores(backbone, heads: HeadSet, prompt, responses: list[str]) -> np.ndarray:
+    """(n, H) head scores computed here, straight from the library."""
+    return heads.scores(backbone.encode([render(prompt, r, backbone.tokenizer) for r in responses]).numpy())
+
+
+def set_profile(service: Service, user: str, weights, bias: float = 0.0) -> dict:
+    """Create `user` if need be, and give them these weights through the admin API."""
+    with service.client(service.keys.admin) as http:
+        assert http.post("/admin/users", json={"external_id": user}).status_code in (201, 409)
+        response = http.put(f"/admin/users/{user}/profile", json={"weights": list(weights), "bias": bias})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def pair(i: int, tag: str = "") -> dict:
+    return {"prompt": f"question {i}{tag}", "chosen": f"a careful, kind answer {i}{tag}",
+            "rejected": f"rude {i}{tag}"}
+
+
+def wait_for(condition, timeout: float = 15.0, interval: float = 0.2):
+    """Poll until `condition()` is truthy; its last value (so a failing assert shows what it saw)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------------- the pure core
+
+
+def test_batch_scorer_matches_the_library_per_user_and_flags_truncation(backbone):
+    from rewardprism.scoring import BatchScorer, ScoreJob
+
+    heads = random_head_set(backbone.dim, 5, "1", seed=3)
+    rng = np.random.default_rng(0)
+    long_text = "many words " * MAX_TOKENS
+    jobs = [ScoreJob([("q1", "short"), ("q1", long_text)], rng.normal(size=5), 0.5),
+            ScoreJob([("q2", long_text)], rng.normal(size=5), 0.0, reject_over_length=True),
+            ScoreJob([([{"role": "user", "content": "q3"}], "fine")], rng.normal(size=5), -1.0)]
+    results = BatchScorer(backbone, token_budget=256, max_batch=2).score(heads, jobs)
+    assert [r.truncated for r in results] == [[False, True], [True], [False]]
+    assert results[1].scores is None  # refused, not computed; the others still are
+    for job, result in zip((jobs[0], jobs[2]), (results[0], results[2])):
+        direct = np.concatenate([expected_head_scores(backbone, heads, p, [r]) for p, r in job.items])
+        np.testing.assert_allclose(result.head_scores, direct, atol=1e-4)
+        np.testing.assert_allclose(result.scores, direct @ job.weights + job.bias, atol=1e-4)
+
+
+def test_nan_guards_explanations_and_probabilities():
+    from rewardprism.scoring import NonFiniteScores, Profile, explain, personalize, preference_probability
+
+    heads = random_head_set(4, 3, "1", seed=0)
+    with pytest.raises(NonFiniteScores):
+        personalize(np.array([[1.0, np.nan, 0.0]]), np.ones((1, 3)), np.zeros(1))
+    assert Profile(np.array([np.inf, 0, 0]), 0.0, heads.content_hash).problem(heads) == "invalid_profile"
+    assert Profile(np.zeros(3), 0.0, "another").problem(heads) == "other_head_set"
+    parts = explain(np.array([1.0, -3.0, 2.0]), np.array([1.0, 1.0, 0.5]), heads.head_names)
+    assert [p.head for p in parts] == ["head1", "head0", "head2"] and sum(p.contribution for p in parts) == -1.0
+    assert preference_probability(800.0, -800.0) == 1.0 and preference_probability(-800.0, 800.0) == 0.0
+    assert abs(preference_probability(0.3, 0.1) + preference_probability(0.1, 0.3) - 1) < 1e-12
+
+
+def test_profile_cache_serves_only_the_current_version():
+    from rewardprism.scoring import Profile, ProfileCache, UserState
+
+    cache = ProfileCache(capacity=2)
+    v3 = UserState(True, Profile(np.ones(2), 0.0, "h", version=3))
+    cache.put("ann", v3)
+    assert cache.get("ann", (True, 3)) is v3 and cache.get("ann", (True, 4)) is None
+    assert cache.latest("ann") is v3  # what an outage falls back to
+    cache.put("bo", UserState(False))
+    assert cache.get("bo", (False, None)) is not None and cache.get("bo", (True, None)) is None
+    cache.put("cy", UserState(True))
+    assert cache.latest("ann") is None and len(cache) == 2  # least recently used goes first
+
+
+def test_settings_from_env_name_the_variable_and_hide_the_url():
+    from serve_apps.settings import ServeSettings
+
+    settings = ServeSettings.from_env({"DATABASE_URL": "postgresql://rp:s3cret@db/rp", "RP_MAX_RESPONSES": "8"})
+    assert settings.max_responses == 8 and "s3cret" not in repr(settings)
+    assert "connect_timeout=5" in settings.store().database_url
+    with pytest.raises(ValueError, match="RP_UNKNOWN_USER"):
+        ServeSettings.from_env({"RP_UNKNOWN_USER": "maybe"})
+    with pytest.raises(ValueError, match="placeholder"):
+        ServeSettings.from_env({"DATABASE_URL": "postgresql://rp:changethis@db/rp"})
+    with pytest.raises(ValueError, match="device"):
+        settings.live({"device": "cuda"})
+    assert settings.live({"unknown_user": "404"}).unknown_user == "404"
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def test_scores_match_the_library_with_default_and_personal_profiles(service, backbone):
+    heads, prompt, responses = service.heads, "How do I boil an egg?", ["Boil it 7 minutes.", "No idea.", "Fry it."]
+    scores = expected_head_scores(backbone, heads, prompt, responses)
+    with service.client(service.keys.client) as http:
+        default = http.post("/v1/score", json={"prompt": prompt, "responses": responses, "explain": True})
+        assert default.status_code == 200, default.text
+        body = default.json()
+        assert body["profile"] == {"user_id": None, "version": None, "source": "default", "reason": "no_user",
+                                   "stale": False}
+        np.testing.assert_allclose([s["score"] for s in body["scores"]], scores @ heads.default_weights, atol=1e-4)
+
+        weights = np.linspace(-1, 1, heads.num_heads)
+        profile = set_profile(service, "bob", weights, bias=0.5)
+        mine = http.post("/v1/score", json={"user_id": "bob", "prompt": prompt, "responses": responses,
+                                            "explain": True}).json()
+    assert mine["profile"] == {"user_id": "bob", "version": profile["version"], "source": "user", "reason": None,
+                               "stale": False}
+    np.testing.assert_allclose([s["score"] for s in mine["scores"]], scores @ weights + 0.5, atol=1e-4)
+    for scored in mine["scores"]:  # each head's part: contributions plus the bias give the score
+        parts = scored["explanation"]
+        assert len(parts) == heads.num_heads and sorted(p["head"] for p in parts) == sorted(heads.head_names)
+        assert abs(sum(p["contribution"] for p in parts) + mine["bias"] - scored["score"]) < 1e-4
+        assert [abs(p["contribution"]) for p in parts] == sorted((abs(p["contribution"]) for p in parts), reverse=True)
+
+
+def test_compare_is_bradley_terry_on_the_users_scores(service, backbone):
+    weights = np.arange(service.heads.num_heads, dtype=float)
+    set_profile(service, "carol", weights)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    with service.client(service.keys.client) as http:
+        body = http.post("/v1/compare", json={"user_id": "carol", "messages": messages, "a": "Paris.",
+                                              "b": "It is Lyon."}).json()
+    a, b = expected_head_scores(backbone, service.heads, messages, ["Paris.", "It is Lyon."]) @ weights
+    assert abs(body["score_a"] - a) < 1e-4 and abs(body["score_b"] - b) < 1e-4
+    assert abs(body["probability_a"] - 1 / (1 + np.exp(-(a - b)))) < 1e-6
+
+
+def test_feedback_readapts_from_all_pairs_and_the_next_score_uses_it(service, backbone):
+    from rewardprism.adapt import adapt_profile
+
+    heads, user = service.heads, f"fb-{uuid.uuid4().hex[:6]}"
+    first, second = [pair(i) for i in range(3)], [pair(i) for i in range(3, 5)]
+    with service.client(service.keys.client) as http:
+        before = http.post("/v1/score", json={"user_id": user, "prompt": "hi", "responses": ["a", "b"]}).json()
+        assert before["profile"]["reason"] == "unknown_user"
+        one = http.post(f"/v1/users/{user}/feedback", json={"pairs": first})
+        assert one.status_code == 200, one.text
+        two = http.post(f"/v1/users/{user}/feedback", json={"pairs": second}).json()
+        after = http.post("/v1/score", json={"user_id": user, "prompt": "hi", "responses": ["a", "b"]}).json()
+        stored = http.get(f"/v1/users/{user}/profile").json()
+    assert (one.json()["profile"]["version"], two["profile"]["version"]) == (1, 2)
+    assert two["stored"] == 2 and stored["n_pairs"] == 5 and stored["version"] == 2
+    assert after["profile"] == {"user_id": user, "version": 2, "source": "user", "reason": None, "stale": False}
+
+    pairs = first + second  # re-adapted from all five pairs, with the head set's default weights as the prior
+    chosen = np.concatenate([expected_head_scores(backbone, heads, p["prompt"], [p["chosen"]]) for p in pairs])
+    rejected = np.concatenate([expected_head_scores(backbone, heads, p["prompt"], [p["rejected"]]) for p in pairs])
+    weights, bias = adapt_profile(chosen, rejected, heads.default_weights, method="default")
+    np.testing.assert_allclose(stored["weights"], weights, atol=1e-4)
+    assert abs(stored["bias"] - bias) < 1e-4
+    expected = expected_head_scores(backbone, heads, "hi", ["a", "b"]) @ weights + bias
+    np.testing.assert_allclose([s["score"] for s in after["scores"]], expected, atol=1e-3)
+
+
+def test_concurrent_feedback_for_one_user_stores_every_pair_with_consistent_versions(service, db):
+    user, clients = f"crowd-{uuid.uuid4().hex[:6]}", 16
+
+    def send(i: int) -> int:
+        with service.client(service.keys.client) as http:
+            response = http.post(f"/v1/users/{user}/feedback", json={"pairs": [pair(i, user)]})
+        assert response.status_code == 200, response.text
+        return response.json()["profile"]["version"]
+
+    with cf.ThreadPoolExecutor(clients) as pool:
+        versions = list(pool.map(send, range(clients)))
+    assert sorted(versions) == list(range(1, clients + 1))  # each update saw all earlier ones; none lost
+    with db.connect() as conn:
+        rows = conn.execute(sa.text("SELECT f.chosen FROM feedback f JOIN users u ON u.id = f.user_id "
+                                    "WHERE u.external_id = :u"), {"u": user}).scalars().all()
+        version, n_pairs = conn.execute(sa.text("SELECT p.version, p.n_pairs FROM profiles p JOIN users u "
+                                                "ON u.id = p.user_id WHERE u.external_id = :u"), {"u": user}).one()
+    assert sorted(rows) == sorted(pair(i, user)["chosen"] for i in range(clients))
+    assert (version, n_pairs) == (clients, clients)
+
+
+# ---------------------------------------------------------------------------------------------- auth
+
+
+def test_api_keys_scopes_and_user_binding(service):
+    keys, body = service.keys, {"prompt": "p", "responses": ["r"]}
+    feedback = {"pairs": [pair(0, "auth")]}
+    with service.client() as anonymous:
+        assert anonymous.post("/v1/score", json=body).status_code == 401
+        assert anonymous.post("/v1/score", json=body, headers={"X-API-Key": "rp_nope_nope"}).status_code == 401
+        assert anonymous.post("/v1/score", json=body,
+                              headers={"X-API-Key": keys.client[:-2] + "xx"}).status_code == 401
+    with service.client(keys.scorer) as http:
+        assert http.post("/v1/score", json=body).status_code == 200
+        denied = http.post("/v1/users/alice/feedback", json=feedback)
+        assert denied.status_code == 403 and "feedback" in denied.json()["detail"]
+        assert http.get("/admin/users").status_code == 403
+    with service.client(keys.alice) as http:
+        assert http.post("/v1/score", json={**body, "user_id": "bob"}).status_code == 403
+        assert http.get("/v1/users/bob/profile").status_code == 403
+        assert http.post("/v1/users/bob/feedback", json=feedback).status_code == 403
+        assert http.post("/v1/users/alice/feedback", json=feedback).status_code == 200
+        implicit = http.post("/v1/score", json=body).json()  # no user_id: the key's own user
+        assert implicit["profile"]["user_id"] == "alice" and implicit["profile"]["source"] == "user"
+        assert http.get("/admin/users/alice").status_code == 403
+    with service.client(keys.client) as http:
+        assert http.post("/admin/users", json={"external_id": "mallory"}).status_code == 403
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("payload, loc", [
+    ({"prompt": "p"}, ["body", "responses"]),
+    ({"prompt": "p", "responses": "not a list"}, ["body", "responses"]),
+    ({"prompt": "p", "responses": [1, 2]}, ["body", "responses", 0]),
+    ({"prompt": "p", "responses": []}, ["body", "responses"]),
+    ({"prompt": "p", "responses": ["r"], "explain_top": 0}, ["body", "explain_top"]),
+    ({"prompt": "p", "responses": ["r"], "response": ["typo"]}, ["body", "response"]),
+    ({"prompt": "p", "messages": [{"role": "user", "content": "q"}], "responses": ["r"]}, ["body"]),
+    ({"responses": ["r"]}, ["body"]),
+    ({"prompt": "p", "responses": ["r"], "user_id": ""}, ["body", "user_id"]),
+    ({"prompt": "p", "responses": ["r\x00"]}, ["body", "responses", 0]),
+])
+def test_malformed_requests_get_422_naming_the_field(service, payload, loc):
+    with service.client(service.keys.client) as http:
+        response = http.post("/v1/score", json=payload)
+    assert response.status_code == 422, response.text
+    assert loc in [error["loc"] for error in response.json()["detail"]]
+
+
+def test_malformed_json_and_feedback_fields(service):
+    with service.client(service.keys.client) as http:
+        broken = http.post("/v1/score", content=b'{"prompt": "p", "responses": [', headers={
+            "content-type": "application/json"})
+        assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
+        missing = http.post("/v1/users/alice/feedback", json={"pairs": [{"prompt": "p", "chosen": "c"}]})
+        assert missing.status_code == 422 and ["body", "pairs", 0, "rejected"] in [
+            e["loc"] for e in missing.json()["detail"]]
+
+
+def test_limits_on_bytes_responses_and_tokens(service):
+    long_text = "word " * (3 * MAX_TOKENS)
+    with service.client(service.keys.client) as http:
+        too_many = http.post("/v1/score", json={"prompt": "p", "responses": ["r"] * 17})
+        assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "responses"]
+        big = http.post("/v1/score", json={"prompt": "p", "responses": ["x" * 70_000]})
+        assert big.status_code == 413
+
+        def chunks():  # no Content-Length: the limit applies as the body streams in
+            yield b'{"prompt": "p", "responses": ["'
+            for _ in range(40):
+                yield b"y" * 2048
+            yield b'"]}'
+        streamed = http.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+        cut = http.post("/v1/score", json={"prompt": "p", "responses": ["short", long_text]}).json()
+        assert [s["truncated"] for s in cut["scores"]] == [False, True]
+
+
+def test_live_settings_change_without_restarting_replicas(service, backbone):
+    """user_config: unknown users get 404, over-long texts 422, feedback adapts with HyRe; then back. The
+    replicas stay the same."""
+    import ray
+    from rewardprism.adapt import adapt_profile
+
+    def replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "rp#Ingress" in a["name"]}
+    before = replicas()
+    unknown = {"user_id": "nobody-at-all", "prompt": "p", "responses": ["r"]}
+    local.run_config(service.port, app_config("rp", "/", service.database, 2, unknown_user="404",
+                                              over_length="reject", adaptation="hyre"))
+    try:
+        with service.client(service.keys.client) as http:
+            # every replica reconfigured: several requests in a row all see the new settings
+            assert wait_for(lambda: all(http.post("/v1/score", json=unknown).status_code == 404 for _ in range(6)))
+            refused = http.post("/v1/score", json={"prompt": "p", "responses": ["ok", "word " * 200]})
+            assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "responses", 1]
+            pairs = [pair(i, "hyre") for i in range(3)]
+            profile = http.post(f"/v1/users/hyre-{uuid.uuid4().hex[:6]}/feedback", json={"pairs": pairs}).json()
+    finally:
+        local.run_config(service.port, app_config("rp", "/", service.database, 2))
+    assert replicas() == before
+    with service.client(service.keys.client) as http:
+        back = http.post("/v1/score", json={"user_id": "nobody-at-all", "prompt": "p", "responses": ["r"]})
+    assert back.status_code == 200 and back.json()["profile"]["reason"] == "unknown_user"
+    scores = [np.concatenate([expected_head_scores(backbone, service.heads, p["prompt"], [p[side]]) for p in pairs])
+              for side in ("chosen", "rejected")]
+    weights, bias = adapt_profile(*scores, service.heads.default_weights, method="hyre")
+    assert profile["profile"]["method"] == "hyre" and abs(profile["profile"]["bias"] - bias) < 1e-4
+    np.testing.assert_allclose(profile["profile"]["weights"], weights, atol=1e-4)
+
+
+def test_nan_never_gets_in_or_out(service, db):
+    set_profile(service, "nan-user", np.ones(service.heads.num_heads))
+    with service.client(service.keys.admin) as http:
+        nan = http.put("/admin/users/nan-user/profile", content=b'{"weights": [NaN, 1, 1, 1, 1, 1, 1, 1]}',
+                       headers={"content-type": "application/json"})
+        assert nan.status_code == 422 and nan.json()["detail"][0]["loc"][:3] == ["body", "weights", 0]
+        huge = http.put("/admin/users/nan-user/profile", json={"weights": [1e300] * service.heads.num_heads})
+        assert huge.status_code == 422
+        meta = http.post("/admin/users", content=b'{"external_id": "m", "metadata": {"x": Infinity}}',
+                         headers={"content-type": "application/json"})
+        assert meta.status_code == 422
+    with db.begin() as conn:  # a corrupt row written behind the service's back
+        conn.execute(sa.text("UPDATE profiles SET weights = ARRAY['NaN'::float8, 1, 1, 1, 1, 1, 1, 1], "
+                             "version = version + 1 WHERE user_id = (SELECT id FROM users WHERE "
+                             "external_id = 'nan-user')"))
+    with service.client(service.keys.client) as http:
+        body = wait_for(lambda: (r := http.post("/v1/score", json={
+            "user_id": "nan-user", "prompt": "p", "responses": ["r", "s"], "explain": True}).json())
+            ["profile"]["reason"] == "invalid_profile" and r)
+    assert body, "the corrupt profile was never picked up"
+    assert body["profile"]["source"] == "default"
+    values = [s["score"] for s in body["scores"]] + [c["contribution"] for s in body["scores"]
+                                                     for c in s["explanation"]]
+    assert all(np.isfinite(values))
+
+
+# ---------------------------------------------------------------------------------------------- admin
+
+
+def test_admin_users_export_import_reset_and_audit(service, db):
+    user = f"adm-{uuid.uuid4().hex[:6]}"
+    with service.client(service.keys.admin) as http:
+        created = http.post("/admin/users", json={"external_id": user, "display_name": "Ada",
+                                                  "metadata": {"team": "x"}})
+        assert created.status_code == 201 and created.json()["profile"] is None
+        assert http.post("/admin/users", json={"external_id": user}).status_code == 409
+        listed = http.get("/admin/users", params={"search": user}).json()
+        assert listed["total"] == 1 and listed["items"][0]["display_name"] == "Ada"
+        with service.client(service.keys.client) as client:
+            assert client.post(f"/v1/users/{user}/feedback", json={"pairs": [pair(1), pair(2)]}).status_code == 200
+        exported = http.get(f"/admin/users/{user}/export").json()
+        assert len(exported["feedback"]) == 2 and exported["profile"]["n_pairs"] == 2
+        reset = http.post(f"/admin/users/{user}/reset").json()
+        assert reset["method"] == "default" and reset["weights"] == service.heads.default_weights.tolist()
+        disabled = http.patch(f"/admin/users/{user}", json={"disabled": True}).json()
+        assert disabled["disabled"] is True
+        with service.client(service.keys.client) as client:
+            assert client.post(f"/v1/users/{user}/feedback", json={"pairs": [pair(3)]}).status_code == 403
+        assert http.delete(f"/admin/users/{user}").status_code == 204
+        assert http.get(f"/admin/users/{user}").status_code == 404
+        restored = http.post("/admin/users/import", json=exported)
+        assert restored.status_code == 201 and restored.json()["profile"]["n_pairs"] == 2
+        assert http.get(f"/admin/users/{user}/export").json()["feedback"] == exported["feedback"]
+    with db.connect() as conn:
+        actions = conn.execute(sa.text("SELECT action FROM audit_log WHERE target = :u ORDER BY id"),
+                               {"u": user}).scalars().all()
+    assert actions == ["user.create", "user.export", "profile.reset", "user.disable", "user.delete",
+                       "user.import", "user.export"]
+
+
+def test_activating_another_head_set_switches_scoring_live(service, tmp_path):
+    other = random_head_set(service.heads.dim, 4, "2", seed=1)
+    with service.client(service.keys.admin) as http:
+        registered = http.post("/admin/head-sets", json={"uri": str(other.save(tmp_path / "v2")), "activate": True})
+        assert registered.status_code == 201 and registered.json()["active"]
+        try:
+            with service.client(service.keys.client) as client:
+                body = wait_for(lambda: (r := client.post("/v1/score", json={
+                    "user_id": "bob", "prompt": "p", "responses": ["r"], "explain": True}).json())
+                    ["head_set"] == "default@2" and r)
+            assert body and len(body["scores"][0]["explanation"]) == 4
+            assert body["profile"]["reason"] == "other_head_set"  # bob's weights are over version 1
+        finally:
+            assert http.post("/admin/head-sets/default/1/activate").status_code == 200
+            with service.client(service.keys.client) as client:  # every replica back on version 1
+                assert wait_for(lambda: all(client.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
+                                            ["head_set"] == "default@1" for _ in range(8)))
+        assert http.post("/admin/head-sets", json={"uri": str(tmp_path / "nowhere")}).status_code == 422
+
+
+def test_health_and_prometheus_metrics(service, ray_cluster):
+    with service.client() as http:  # no key needed
+        health = http.get("/healthz").json()
+    assert (health["status"], health["database"], health["head_set"]) == ("ok", "ok", "default@1")
+    port = ray_cluster._private.worker.global_worker.node.metrics_export_port
+
+    def exported() -> str:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return ""
+        names = ("rewardprism_responses_scored", "rewardprism_profile_cache_lookups",
+                 "rewardprism_adaptation_seconds", "serve_num_http_requests")
+        return text if all(n in text for n in names) else ""
+    assert wait_for(exported, timeout=60, interval=2), "metrics missing from the Prometheus endpoint"
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def set_connections(admin_engine, database: str, allowed: bool) -> None:
+    with admin_engine.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+        if not allowed:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                         {"d": database})
+
+
+def test_database_unreachable_scoring_goes_on_feedback_503_then_recovers(service, admin_engine, db):
+    user = f"outage-{uuid.uuid4().hex[:6]}"
+    set_profile(service, user, np.full(service.heads.num_heads, 0.5))
+    request = {"user_id": user, "prompt": "p", "responses": ["r"]}
+    with service.client(service.keys.client) as http:
+        for _ in range(20):  # warm both ingress replicas: keys verified, profile cached
+            assert http.post("/v1/score", json=request).json()["profile"]["source"] == "user"
+        set_connections(admin_engine, service.name, False)
+        try:
+            during = [http.post("/v1/score", json=request) for _ in range(10)]
+            assert all(r.status_code == 200 for r in during), [r.text for r in during]
+            assert all(r.json()["profile"]["version"] == 1 and r.json()["profile"]["stale"] for r in during)
+            stranger = http.post("/v1/score", json={**request, "user_id": "never-seen"}).json()
+            assert stranger["profile"]["reason"] == "database_unavailable"
+            for i in range(4):
+                refused = http.post(f"/v1/users/{user}/feedback", json={"pairs": [pair(i, "outage")]})
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            health = http.get("/healthz").json()
+            assert (health["status"], health["database"]) == ("degraded", "unreachable")
+        finally:
+            set_connections(admin_engine, service.name, True)
+        recovered = wait_for(lambda: http.post(f"/v1/users/{user}/feedback", json={
+            "pairs": [pair(9, "after")]}).status_code == 200, timeout=20)
+        assert recovered, "feedback did not recover once the database was back"
+        assert wait_for(lambda: http.get("/healthz").json()["status"] == "ok")
+    with db.connect() as conn:
+        stored = conn.execute(sa.text("SELECT f.chosen FROM feedback f JOIN users u ON u.id = f.user_id "
+                                      "WHERE u.external_id = :u"), {"u": user}).scalars().all()
+        n_pairs = conn.execute(sa.text("SELECT n_pairs FROM profiles p JOIN users u ON u.id = p.user_id "
+                                       "WHERE u.external_id = :u"), {"u": user}).scalar_one()
+    assert stored == [pair(9, "after")["chosen"]] and n_pairs == 1  # nothing half-written during the outage
+
+
+def test_replica_killed_under_load_recovers_and_loses_no_feedback(service, db):
+    import ray
+
+    stop, acked, errors, slowest = threading.Event(), [], [], [0.0]
+    user = f"load-{uuid.uuid4().hex[:6]}"
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        """Send requests until told to stop; retry a failed one (5xx or a dropped connection) until it succeeds."""
+        with service.client(service.keys.client) as http:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                feedback = i % 4 == 0
+                path, body = ((f"/v1/users/{user}/feedback", {"pairs": [pair(i, f"w{worker}")]}) if feedback
+                              else ("/v1/score", {"user_id": user, "prompt": "p", "responses": ["a", "b"]}))
+                started = time.monotonic()
+                while True:
+                    try:
+                        response = http.post(path, json=body)
+                        if response.status_code < 500:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() - started > 60:
+                        errors.append(path)
+                        return
+                    time.sleep(0.2)
+                with lock:
+                    slowest[0] = max(slowest[0], time.monotonic() - started)
+                    if response.status_code != 200:
+                        errors.append(response.text)
+                    elif feedback:
+                        acked.append(body["pairs"][0]["chosen"])
+
+    def replicas() -> list[dict]:
+        return [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::rp#")]
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    killed = [next(a for a in replicas() if f"#{deployment}#" in a["name"]) for deployment in ("Embedder", "Ingress")]
+    for victim in killed:
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(timeout=90)
+    assert not errors, errors[:3]
+    assert acked and slowest[0] < 30, f"a request needed {slowest[0]:.1f}s to get through"
+    with db.connect() as conn:
+        stored = set(conn.execute(sa.text("SELECT f.chosen FROM feedback f JOIN users u ON u.id = f.user_id "
+                                          "WHERE u.external_id = :u"), {"u": user}).scalars())
+    assert set(acked) <= stored  # every acknowledged pair is in the database
+    now = {a["name"] for a in wait_for(lambda: len(replicas()) == 4 and replicas(), timeout=60) or []}
+    assert len(now) == 4 and not now & {v["name"] for v in killed}  # Serve replaced both
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing, SQLite
+
+
+def test_openapi_fuzz_finds_no_server_errors(service):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
+    failures: list[str] = []
+    statuses: dict[int, int] = {}
+    succeeded: set[str] = set()  # operations that answered 2xx
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        @given(case=schema.as_strategy(generation_mode=mode))
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case) -> None:
+            response = case.call(headers={"X-API-Key": service.keys.admin}, timeout=60)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            if response.status_code < 300:
+                succeeded.add(f"{case.method} {case.operation.path}")
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.formatted_path} {case.body!r:.200} -> "
+                                f"{response.status_code} {response.text[:200]}")
+        fuzz()
+    assert not failures, "\n".join(failures[:5])
+    # not a vacuous run: requests got through to the service, and invalid ones were refused as such
+    assert len(succeeded) >= 5 and statuses.get(422, 0) >= 20, (succeeded, statuses)
+
+
+def test_sqlite_database_end_to_end(service, tmp_path):
+    """The embedded default: the same app on a SQLite file, alongside the Postgres one."""
+    from ray import serve
+
+    url = f"sqlite:///{tmp_path / 'rp.db'}"
+    upgrade(url)
+    engine = store.make_engine(store.StoreSettings.from_env(url))
+    heads = service.heads
+    with store.make_sessions(engine).begin() as session:
+        store.register_head_set(session, name=heads.name, version=heads.version, kind=heads.kind,
+                                backbone=heads.backbone, dim=heads.dim, num_heads=heads.num_heads,
+                                head_names=heads.head_names, default_weights=heads.default_weights.tolist(),
+                                uri=str(service.heads_dir), content_hash=heads.content_hash, activate=True)
+        _, key = store.create_api_key(session, ["score", "feedback"])
+    engine.dispose()
+    main = app_config("rp", "/", service.database, 2)
+    local.run_config(service.port, main, app_config("rp-sqlite", "/sqlite", url, 1))
+    try:
+        with httpx.Client(base_url=f"{service.url}/sqlite", headers={"X-API-Key": key}, timeout=60) as http:
+            fed = http.post("/v1/users/sam/feedback", json={"pairs": [pair(1), pair(2)]})
+            assert fed.status_code == 200, fed.text
+            scored = http.post("/v1/score", json={"user_id": "sam", "prompt": "p", "responses": ["r"]}).json()
+            assert scored["profile"]["version"] == fed.json()["profile"]["version"] == 1
+            assert http.get("/v1/users/sam/profile").json()["n_pairs"] == 2
+    finally:
+        local.run_config(service.port, main)
+    assert "rp-sqlite" not in serve.status().applications

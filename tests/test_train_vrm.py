@@ -1,0 +1,186 @@
+"""The training recipe: config checks before any cluster, supervision targets, and a real 2-worker ZeRO-2 run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rewardprism.backbone import load_backbone
+from rewardprism.data import DataError, PreferencePair, render, save_pairs
+from rewardprism.drm import PreferenceDecomposition, build_head_set
+from rewardprism.embed import EmbeddingExtractor
+from rewardprism.heads import HeadSet
+from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, SyntheticGenerator
+from rewardprism.train import PairCollator, TrainRecipe, load_config, prepare_data
+from rewardprism.vrm import ConfigError, RewardModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "vrm_tiny.yaml"
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+def test_every_config_file_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.stem.startswith(("vrm", "bt")):
+            load_config(path)
+
+
+def test_overrides_set_typed_fields():
+    config = load_config(TINY, ["model.lam=0.25", "train.epochs=3", "data.limit=10", "ray.name=x"])
+    assert (config.model.lam, config.train.epochs, config.data.limit, config.ray.name) == (0.25, 3, 10, "x")
+    assert config.model.objective_names == list(ATTRIBUTES)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.lrr=1", "train.lrr: unknown field"),
+    ("model.lam=abc", "model.lam: must be float"),
+    ("model.lam=-1", "model.lam: must be >= 0"),
+    ("model.sup_loss=hinge", "model.sup_loss: must be one of 'mse', 'ce'"),
+    ("train.zero_stage=3", "train.zero_stage: must be 0, 1 or 2"),
+    ("data.test_fraction=1.5", "data.test_fraction: must be in (0, 1)"),
+    ("model.objective_names=[a]", "model.objective_names: has 1 names for num_objectives=6"),
+    ("ray.num_workers=true", "ray.num_workers: must be int"),
+])
+def test_config_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, [override])
+    assert str(info.value).startswith(field)
+
+
+def test_bad_config_fails_before_any_cluster_starts(tmp_path):
+    """The real command: exit code 2, the field named on stderr, no Ray started."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "train_vrm.py", "--config", str(TINY), "--override", "model.beta_w=-0.5",
+                           "--override", f"ray.storage_path={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.beta_w: must be >= 0" in proc.stderr
+    assert "Ray" not in proc.stderr + proc.stdout and not (tmp_path / "vrm-tiny").exists()
+    assert time.perf_counter() - start < 60
+
+
+def test_bad_data_fails_naming_the_row(tmp_path):
+    pairs = SyntheticGenerator(0).dataset(3)
+    pairs[4] = PreferencePair(pairs[4].prompt, pairs[4].chosen, pairs[4].rejected)  # no ratings
+    source = save_pairs(pairs, tmp_path / "pairs.jsonl")
+    config = load_config(TINY, [f"data.source={source}", f"ray.storage_path={tmp_path}"])
+    with pytest.raises(DataError, match=r"row 4, field 'attributes.chosen'"):
+        prepare_data(config)
+    with pytest.raises(ConfigError, match="^model.lam: is 0 with data.supervision: ratings"):
+        prepare_data(load_config(TINY, ["model.lam=0"]))
+
+
+def test_rerunning_a_finished_run_needs_resume(tmp_path):
+    config = load_config(TINY, [f"ray.storage_path={tmp_path}"])
+    (config.run_dir / "checkpoint_2026").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="^ray.resume"):
+        TrainRecipe(config).setup()
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def test_rating_targets_follow_the_pairs_and_the_collator_keeps_row_order(tmp_path):
+    config = load_config(TINY, [f"ray.storage_path={tmp_path}"])
+    data = prepare_data(config)
+    assert data.train_targets.shape == (len(data.train), 2, len(ATTRIBUTES))
+    pair = data.train[0]
+    np.testing.assert_array_equal(data.train_targets[0, 1], [pair.attributes["rejected"][a] for a in ATTRIBUTES])
+    assert not {p.prompt_key for p in data.train} & {p.prompt_key for p in data.eval}
+    backbone = load_backbone("tiny-bert", device="cpu")
+    rows = {"pair": np.array([json.dumps(p.to_row()) for p in data.train[:3]], dtype=object),
+            "targets": data.train_targets[:3]}
+    batch = PairCollator(backbone, with_prompts=True)(rows)
+    assert batch["input_ids"].shape[0] == 6 and batch["prompt_ids"].shape[0] == 3
+    np.testing.assert_array_equal(batch["targets"][3].numpy(), data.train_targets[0, 1])  # first rejected row
+    expected = backbone.tokenizer(render(pair.prompt, pair.rejected))["input_ids"]
+    assert batch["input_ids"][3][batch["attention_mask"][3].bool()].tolist() == expected
+
+
+def vrm_view(pairs: list[PreferencePair]) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen and rejected features of the text the tiny VRM reads: 128 tokens, keeping the end."""
+    backbone = load_backbone("tiny-bert", device="cpu", max_length=128)
+    backbone.tokenizer.truncation_side = "left"
+    chosen, rejected, _ = EmbeddingExtractor(backbone).embed_pairs(pairs)
+    return chosen, rejected
+
+
+def oriented_standardized(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarray, k: int) -> np.ndarray:
+    """The direct formula: scores of the first K heads, chosen-higher on average, z-scored over both sides."""
+    scores = np.stack([heads.scores(chosen)[:, :k], heads.scores(rejected)[:, :k]], axis=1)  # (N, 2, K)
+    scores *= np.sign((scores[:, 0] - scores[:, 1]).mean(0))
+    flat = scores.reshape(-1, k)
+    return (scores - flat.mean(0)) / flat.std(0)
+
+
+def test_drm_targets_are_oriented_standardized_head_scores(tmp_path):
+    """Supervision without ratings: top-K DRM heads of a head set folder, on the training responses."""
+    pairs = SyntheticGenerator(1).dataset(10)
+    chosen, rejected = vrm_view(pairs)
+    folder = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), backbone="tiny-bert").save(tmp_path / "d")
+    config = load_config(TINY, ["data.supervision=drm", f"data.drm_heads={folder}", "model.num_objectives=2",
+                                "model.objective_names=[]", "data.synthetic_per_user=10", "data.seed=1"])
+    data = prepare_data(config)
+    train_chosen, train_rejected = vrm_view(data.train)
+    np.testing.assert_allclose(data.train_targets,
+                               oriented_standardized(HeadSet.load(folder), train_chosen, train_rejected, 2), atol=1e-4)
+    assert ((data.train_targets[:, 0] - data.train_targets[:, 1]).mean(0) > 0).all()
+    with pytest.raises(ConfigError, match="^data.drm_head_names"):
+        prepare_data(load_config(TINY, ["data.supervision=drm", f"data.drm_heads={folder}"]))
+
+
+def test_drm_fitted_on_the_training_split_only():
+    config = load_config(TINY, ["data.supervision=drm", "data.drm_backbone=tiny-bert", "model.num_objectives=2",
+                                "model.objective_names=[]", "data.synthetic_per_user=10"])
+    data = prepare_data(config)
+    chosen, rejected = vrm_view(data.train)
+    heads = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), backbone="tiny-bert")  # +pc0, +pc1 first
+    np.testing.assert_allclose(data.train_targets, oriented_standardized(heads, chosen, rejected, 2), atol=1e-4)
+    with pytest.raises(ConfigError, match="^data.drm_heads: supervision: drm needs either"):
+        load_config(TINY, ["data.supervision=drm"])
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def test_two_worker_zero2_run_survives_a_killed_worker(tmp_path, ray_cluster):
+    """2 workers, ZeRO-2 on CPU. Rank 1 dies at step 7 of the first attempt; FailureConfig restarts the group from
+    the step-5 checkpoint, the run finishes, the held-out loss falls, and the exported model reloads."""
+    source = save_pairs(SyntheticGenerator(0).pairs(DEFAULT_USERS[0], 200), tmp_path / "majority.jsonl")
+    config = load_config(TINY, [f"data.source={source}", f"ray.storage_path={tmp_path / 'runs'}",
+                                "train.epochs=3", "train.checkpoint_every=5", "train.eval_every=5",
+                                "train.log_every=5", "ray.keep_checkpoints=10", "ray.max_failures=1"])
+
+    snapshot = config.run_dir / "checkpoint_manager_snapshot.json"  # written once Ray registers a checkpoint
+
+    def kill_rank_1(step: int, rank: int, resumed_from: int | None) -> None:
+        if rank == 1 and step == 7 and resumed_from is None:
+            deadline = time.monotonic() + 120
+            while not snapshot.exists() and time.monotonic() < deadline:  # the step-5 checkpoint is registered
+                time.sleep(0.2)
+            os._exit(1)
+
+    recipe = TrainRecipe(config, on_step=kill_rank_1)
+    recipe.setup()
+    total = 3 * recipe.steps_per_epoch
+    assert recipe.steps_per_epoch == len(recipe.data.train) // 16 >= 8  # 2 workers × 8 pairs per step
+    recipe.train()
+    metrics = recipe.save_checkpoint()
+    final = recipe.result.metrics
+    assert final["step"] == total and final["start_step"] == 5
+    history = sorted((m["step"], m) for _, m in recipe.result.best_checkpoints)
+    steps = [s for s, _ in history]
+    assert steps[0] == 5 and steps[-1] == total and 10 in steps
+    assert history[-1][1]["eval_loss"] < history[0][1]["eval_loss"] - 0.02
+    assert metrics["eval"]["accuracy"] > 0.7
+    model = RewardModel.from_pretrained(config.export_dir)
+    assert model.config == config.model
+    np.testing.assert_allclose(model.default_weights.sum().item(), 1.0, rtol=1e-5)
+    heads = HeadSet.load(config.export_dir / "headset")
+    assert heads.backbone == str(config.export_dir) and heads.kind == "vrm"
+    assert (config.export_dir / "metrics.json").exists()
+    assert list((config.run_dir / "tensorboard").glob("events.out.tfevents.*"))

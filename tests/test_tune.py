@@ -1,0 +1,217 @@
+"""Ray Tune sweeps: the real commands (`tune/sweep_*.py`) on tiny models, as drivers of the session's Ray cluster.
+
+The DRM sweep is interrupted with Ctrl+C and finished with `--resume` (Tuner.restore), and its accuracies are
+recomputed here from its saved weights and a decomposition fitted independently for each k. The VRM sweep runs
+two trials, each a Ray Train run, and exports the best.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+import yaml
+from rewardprism.backbone import load_backbone
+from rewardprism.cli import app
+from rewardprism.data import groups_of, split_by_prompt
+from rewardprism.drm import PreferenceDecomposition, build_head_set
+from rewardprism.embed import EmbeddingSet, embed_pairs
+from rewardprism.heads import HeadSet
+from rewardprism.synthetic import SyntheticGenerator
+from rewardprism.train import from_dict, load_config
+from rewardprism.vrm import ConfigError
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE = ROOT / "tune"
+sys.path.insert(0, str(TUNE))  # the scripts' functions, for the checks that need no cluster
+import sweep_drm
+import sweep_vrm
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep_file(template: str, folder: Path, **changes: object) -> Path:
+    """A copy of a sweep file in tune/, its runs under `folder`."""
+    data = yaml.safe_load((TUNE / template).read_text())
+    data["run"]["storage_path"] = str(folder / "runs")
+    data.update(changes)
+    path = folder / template
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def driver_env(ray_cluster) -> dict[str, str]:
+    """The sweep joins the session's cluster instead of starting one (token auth is on by default in Ray 2.60)."""
+    return {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+
+
+def sweep_command(script: str, config: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TUNE / script), "--config", str(config), *extra]
+
+
+def sweep(script: str, config: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(script, config, *extra), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=400, check=False)
+
+
+def interrupt_when(command: list[str], env: dict[str, str], log: Path, ready: Callable[[], object]) -> None:
+    """Start a sweep, press Ctrl+C once `ready()` holds; it must stop unfinished and say how to resume."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not ready() and proc.poll() is None:
+            assert time.monotonic() < deadline, "not ready within 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert "--resume" in log.read_text()
+
+
+def register(tmp_path: Path, headset: Path) -> str:
+    """`rewardprism models register DIR --activate` on a fresh SQLite registry; returns what it printed."""
+    runner, url = CliRunner(), f"sqlite:///{tmp_path / 'registry.db'}"
+    for args in (["db", "--database-url", url, "upgrade"],
+                 ["models", "--database-url", url, "register", str(headset), "--activate"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def assert_pngs(paths: list[Path]) -> None:
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG and 5_000 < path.stat().st_size < 200_000, path
+
+
+# ----------------------------------------------------------------------------------------------- no cluster
+
+def test_sweep_files_fail_naming_the_field():
+    with pytest.raises(ConfigError, match=r"^space.model.lam: must be \{loguniform"):
+        sweep_vrm.search_space({"model.lam": {"loguniform": [0.1]}})
+    with pytest.raises(ConfigError, match="^space.train.seed: is set by `seeds`"):
+        sweep_vrm.search_space({"train.seed": {"choice": [1, 2]}})
+    recipe = load_config(ROOT / "configs" / "vrm_tiny.yaml").to_dict()
+    with pytest.raises(ConfigError, match="^model.betaw: unknown field"):
+        sweep_vrm.check_values(recipe, {"model.betaw": {"uniform": [0.0, 1.0]}}, [])
+    with pytest.raises(ConfigError, match="^model.latent_dim: must be a positive integer"):
+        sweep_vrm.check_values(recipe, {"model.latent_dim": {"choice": [4, 0]}}, [])
+    with pytest.raises(ConfigError, match="^train.checkpoint_every: is 3, not a multiple of train.eval_every=2"):
+        sweep_vrm.check_reports(load_config(ROOT / "configs" / "vrm_tiny.yaml", ["train.checkpoint_every=3",
+                                                                                  "train.eval_every=2"]))
+    with pytest.raises(ConfigError, match=r"^methods: unknown \['lasso'\]"):
+        from_dict(sweep_drm.DrmSweep, {"methods": ["hyre", "lasso"]}, "")
+    with pytest.raises(ConfigError, match="^select_pairs: 7 is not one of adaptation_pairs"):
+        from_dict(sweep_drm.DrmSweep, {"adaptation_pairs": [5, 15], "select_pairs": 7}, "")
+    with pytest.raises(ConfigError, match="^run.max_concurrent_trials: must be a positive integer"):
+        from_dict(sweep_drm.DrmSweep, {"run": {"max_concurrent_trials": 0}}, "")
+
+
+def test_bad_sweep_file_exits_naming_the_field(tmp_path):
+    command = typer.Typer()
+    command.command()(sweep_drm.main)
+    config = sweep_file("drm_smoke.yaml", tmp_path, embeddings=str(tmp_path / "missing"))
+    result = CliRunner().invoke(command, ["--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: embeddings: {tmp_path / 'missing'} is not an embedding folder")
+
+
+def test_first_components_are_the_decomposition_with_fewer_components():
+    """One top-K fit serves every k ≤ K: slicing it equals fitting with k."""
+    rng = np.random.default_rng(0)
+    chosen = rng.normal(size=(300, 12)) * np.linspace(3, 0.5, 12)  # distinct variances: no degenerate directions
+    rejected = rng.normal(size=(300, 12))
+    full = PreferenceDecomposition(8).fit(chosen, rejected)
+    for k in (1, 3, 8):
+        sliced, fresh = sweep_drm.first_components(full, k), PreferenceDecomposition(k).fit(chosen, rejected)
+        np.testing.assert_allclose(sliced.components_, fresh.components_, atol=1e-10)
+        np.testing.assert_allclose(sliced.explained_variance_ratio_, fresh.explained_variance_ratio_, rtol=1e-10)
+    assert full.components_.shape == (8, 12)  # slicing leaves the shared decomposition alone
+
+
+# ----------------------------------------------------------------------------------------------- sweeps
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory) -> Path:
+    """Tiny-bert features of synthetic pairs: 4 simulated users, who are the groups."""
+    folder = tmp_path_factory.mktemp("emb")
+    embed_pairs(SyntheticGenerator(0).dataset(40), load_backbone("tiny-bert", device="cpu"), folder, progress=False)
+    return folder
+
+
+def test_drm_sweep_resumes_and_its_accuracies_hold(tmp_path, ray_cluster, embeddings):
+    """Ctrl+C after the first trial; `--resume` (Tuner.restore) finishes the same sweep. Then every reported
+    accuracy is recomputed from the saved profiles and a decomposition fitted here with exactly k components."""
+    config = sweep_file("drm_smoke.yaml", tmp_path, embeddings=str(embeddings))
+    experiment, env = tmp_path / "runs" / "drm-smoke", driver_env(ray_cluster)
+    interrupt_when(sweep_command("sweep_drm.py", config), env, tmp_path / "first.log",
+                   lambda: list(experiment.glob("run_trial_*/checkpoint_*")))
+    started = {p.name.split("_")[2] + "_" + p.name.split("_")[3] for p in experiment.glob("run_trial_*")}
+    proc = sweep("sweep_drm.py", config, env, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((experiment / "results.json").read_text())
+    assert sorted(r["config/heads"] for r in rows) == [2, 4] and (experiment / "results.csv").exists()
+    assert started <= {r["trial_id"] for r in rows}  # the trials of the first run, restored
+
+    data = EmbeddingSet(embeddings)
+    chosen, rejected = data.load()
+    pairs = data.pairs()
+    train, test = split_by_prompt(pairs, 0.5, 0)
+    test_groups = groups_of(pairs)[test]
+    for row in rows:
+        k = row["config/heads"]
+        adapted = np.load(Path(row["checkpoint"]) / sweep_drm.ADAPTED)
+        assert adapted["weights"].shape == (3, 4, 2 * k) and adapted["picks"].shape == (3, 4, 5)
+        heads = build_head_set(PreferenceDecomposition(k).fit(chosen[train], rejected[train]), backbone="tiny-bert")
+        scores_c, scores_r = heads.scores(chosen[test]), heads.scores(rejected[test])  # (T, 2k)
+        honest, reference = np.zeros((3, 4)), np.zeros((3, 4))  # (seeds, groups)
+        for g, group in enumerate(adapted["groups"]):
+            members = np.flatnonzero(test_groups == group)
+            for s, w in enumerate(adapted["weights"][:, g]):
+                hits = scores_c[members] @ w > scores_r[members] @ w
+                reference[s, g] = hits.mean()
+                honest[s, g] = hits[~np.isin(members, adapted["picks"][s, g])].mean()
+            assert row[f"accuracy_by_group/{group}"] == pytest.approx(honest[:, g].mean())
+        assert (row["accuracy"], row["accuracy_reference"]) == pytest.approx((honest.mean(), reference.mean()))
+        assert list(experiment.glob(f"*{row['trial_id']}*/events.out.tfevents.*"))  # TensorBoard
+
+    summary = json.loads((experiment / "best" / "summary.json").read_text())
+    best = max(rows, key=lambda r: r["accuracy"])
+    assert (summary["heads"], summary["method"]) == (best["config/heads"], "hyre")
+    heads = HeadSet.load(experiment / "best" / "headset")
+    assert heads.num_heads == 2 * summary["heads"] and heads.version.startswith(f"k{summary['heads']}-")
+    assert f"registered drm-smoke@{heads.version} (drm, {heads.num_heads} heads) - active" in \
+        register(tmp_path, experiment / "best" / "headset")
+    assert_pngs([experiment / "plots" / f"{name}.png"
+                 for name in ("accuracy_vs_heads", "adapted_weights", "weight_correlation")])
+
+
+def test_vrm_sweep_end_to_end(tmp_path, ray_cluster):
+    """Two trials (λ = 0 and a sampled λ), each a Ray Train run; the best one exported, registrable, plotted."""
+    config = sweep_file("vrm_smoke.yaml", tmp_path)
+    experiment = tmp_path / "runs" / "vrm-smoke"
+    proc = sweep("sweep_vrm.py", config, driver_env(ray_cluster))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((experiment / "results.json").read_text())
+    assert len(rows) == 2 and {r["config/model.lam"] == 0 for r in rows} == {True, False}
+    assert all(0 <= r[sweep_vrm.METRIC] <= 1 and r["step"] >= 2 for r in rows)
+    assert list((experiment / "train").glob("*/tensorboard/events.out.tfevents.*"))  # the workers' curves
+    assert len(list(experiment.glob("run_trial_*/events.out.tfevents.*"))) == 2  # Tune's, per trial
+
+    summary = json.loads((experiment / "best" / "summary.json").read_text())
+    best = load_config(experiment / "best" / "config.yaml")  # a recipe train_vrm.py runs as it is
+    assert (best.model.lam, best.model.latent_dim) == (summary["params"]["model.lam"],
+                                                       summary["params"]["model.latent_dim"])
+    assert (best.data.supervision == "none") == (best.model.lam == 0)
+    heads = HeadSet.load(experiment / "best" / "headset")
+    assert heads.kind == "vrm" and heads.num_heads == best.model.num_objectives
+    assert f"registered vrm-smoke@{heads.version} (vrm, 6 heads) - active" in \
+        register(tmp_path, experiment / "best" / "headset")
+    assert_pngs([experiment / "plots" / "accuracy_vs_lambda.png"])

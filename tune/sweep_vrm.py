@@ -1,0 +1,288 @@
+"""A Ray Tune sweep over VRM's λ, β_w, β_z and latent size; every trial is one Ray Train + DeepSpeed run.
+
+    python tune/sweep_vrm.py --config tune/vrm_small.yaml            # the default space on this machine's CPU
+    python tune/sweep_vrm.py --config tune/vrm_small.yaml --resume   # finish an interrupted sweep (Tuner.restore)
+    ray job submit --working-dir . -- python tune/sweep_vrm.py --config tune/vrm_small.yaml
+
+Ray's pattern for Tune over Train (Train V2, the default in Ray 2.60): a Tune trial is a driver function that builds
+a `TorchTrainer` over the recipe's `TrainingWorker` (`rewardprism.train`) and fits it; `TuneReportCallback` hands
+what rank 0 reports — held-out pairwise accuracy every `train.eval_every` steps — to Tune, where ASHA stops weak
+trials early. Each Train run is named after its trial, so a restored trial resumes from its latest checkpoint.
+
+Random configurations are drawn from `space` (seeded) and each runs once per seed (`train.seed`); `points` run as
+given — λ = 0, the unsupervised VRM, is one. At the end: the results table, the best configuration (mean held-out
+accuracy over seeds) with its exported model and head set, and the plots of `report.py`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from report import render_report
+from rewardprism.data import DataError
+from rewardprism.train import EXPORT_DIR, RecipeConfig, from_dict, load_config, prepare_data, steps_per_epoch
+from rewardprism.vrm import ConfigError
+from sweeps import (
+    BEST_DIR,
+    RunSettings,
+    connect_ray,
+    fit_or_restore,
+    max_concurrent_trials,
+    read_sweep_file,
+    save_head_set,
+    stop_if_interrupted,
+    write_best,
+    write_results,
+)
+
+METRIC = "eval_accuracy"  # held-out pairwise accuracy, as `TrainingWorker.evaluate` reports it
+TIME = "step"  # ASHA's clock: optimizer steps, the same unit in every trial and across a resume
+SEED = "train.seed"
+
+
+@dataclass
+class Asha:
+    grace_period: int = 4  # steps every trial trains before ASHA may stop it
+    reduction_factor: int = 2  # each rung keeps the best 1/reduction_factor of the trials that reach it
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1:
+            raise ConfigError("grace_period", f"must be a positive number of steps, got {self.grace_period}")
+        if self.reduction_factor < 2:
+            raise ConfigError("reduction_factor", f"must be at least 2, got {self.reduction_factor}")
+
+
+@dataclass
+class VrmSweep:
+    """The sweep file; `space` and `points` are read by `search_space` and `explicit_points`."""
+
+    recipe: str = "configs/vrm_tiny.yaml"  # the training recipe every trial starts from
+    overrides: list[str] = field(default_factory=list)  # key.sub=value on the recipe, as `train_vrm.py --override`
+    samples: int = 4  # random configurations drawn from `space`
+    seeds: int = 2  # each configuration runs with train.seed = 0 .. seeds-1
+    search_seed: int = 0  # seeds the draws, so a sweep file always means the same configurations
+    asha: Asha = field(default_factory=Asha)
+    run: RunSettings = field(default_factory=lambda: RunSettings(name="vrm-sweep"))
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ConfigError("samples", f"must be 0 or more, got {self.samples}")
+        if self.seeds < 1:
+            raise ConfigError("seeds", f"must be a positive integer, got {self.seeds}")
+
+
+DOMAINS = ("loguniform", "uniform", "randint", "choice")
+
+
+def search_space(space: Any) -> dict[str, Any]:
+    """`{field: {loguniform|uniform|randint: [low, high]} | {choice: [values]}}` → Tune domains."""
+    import ray.tune
+
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("space", "must map recipe fields to domains, e.g. model.lam: {loguniform: [0.01, 10]}")
+    domains = {}
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items())) if isinstance(spec, dict) and len(spec) == 1 else (None, None)
+        if kind not in DOMAINS or not isinstance(args, list) or (kind != "choice" and len(args) != 2):
+            raise ConfigError(f"space.{key}", "must be {loguniform: [low, high]}, {uniform: [low, high]}, "
+                                              f"{{randint: [low, high]}} or {{choice: [values]}}, got {spec!r}")
+        if key == SEED:
+            raise ConfigError(f"space.{key}", "is set by `seeds`: every configuration runs once per seed")
+        try:
+            domains[key] = getattr(ray.tune, kind)(args) if kind == "choice" else getattr(ray.tune, kind)(*args)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"space.{key}", str(exc)) from None
+    return domains
+
+
+def explicit_points(points: Any) -> list[dict[str, Any]]:
+    """Configurations run as given (once per seed), besides the random samples."""
+    if points is None:
+        return []
+    if not isinstance(points, list) or not all(isinstance(p, dict) and p for p in points):
+        raise ConfigError("points", "must be a list of {field: value} mappings, e.g. - {model.lam: 0.0, "
+                                    "data.supervision: none}")
+    for i, point in enumerate(points):
+        if SEED in point:
+            raise ConfigError(f"points[{i}].{SEED}", "is set by `seeds`")
+    return points
+
+
+def trial_recipe(recipe: dict[str, Any], params: dict[str, Any]) -> RecipeConfig:
+    """The recipe with dotted `params` set, validated field by field (errors name the field)."""
+    data = copy.deepcopy(recipe)
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value.item() if isinstance(value, np.generic) else value  # Tune samples numpy scalars
+    return from_dict(RecipeConfig, data, "")
+
+
+def field_value(recipe: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        recipe = recipe[part]
+    return recipe
+
+
+def check_values(recipe: dict[str, Any], space: dict[str, Any], points: list[dict[str, Any]]) -> None:
+    """Every end of every range, every choice and every point makes a valid recipe: fail here, not in a trial."""
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        for value in args if kind == "choice" else [args[0], args[1] - 1 if kind == "randint" else args[1]]:
+            trial_recipe(recipe, {key: value})
+    for point in points:
+        trial_recipe(recipe, point)
+
+
+def check_reports(recipe: RecipeConfig) -> None:
+    """Tune refuses a report without the metric it schedules on, so every report must carry an evaluation."""
+    train = recipe.train
+    for name in ("log_every", "checkpoint_every"):
+        if getattr(train, name) % train.eval_every:
+            raise ConfigError(f"train.{name}", f"is {getattr(train, name)}, not a multiple of train.eval_every="
+                                               f"{train.eval_every}: in a sweep every report must carry {METRIC}")
+
+
+# ----------------------------------------------------------------------------------------------- trials
+# Ray ships these functions to the trial actors by value (this file runs as __main__): they use only
+# rewardprism and Ray, never the sibling modules, which workers cannot import under `ray job submit`.
+
+def run_trial(params: dict[str, Any], recipe: dict[str, Any], train_storage: str) -> None:
+    """One Tune trial: the recipe with this trial's values, fitted as one Ray Train run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    name = f"train-{ray.tune.get_context().get_trial_id()}"  # stable across restores: the run resumes
+    config = trial_recipe(recipe, {**params, "ray.name": name, "ray.storage_path": train_storage})
+    trainer(config, callbacks=[TuneReportCallback()]).fit()
+
+
+def trainer(config: RecipeConfig, callbacks: list[Any]):
+    """The `TorchTrainer` of `TrainRecipe.train`, with run callbacks (which `TrainRecipe` does not take yet)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from rewardprism.train import ray_dataset, train_loop_per_worker
+
+    data = prepare_data(config)
+    cluster = config.ray
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "steps_per_epoch": steps_per_epoch(config, len(data.train)),
+                           "tensorboard_dir": str(config.run_dir / "tensorboard")},
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        datasets={"train": ray_dataset(data.train, data.train_targets),
+                  "eval": ray_dataset(data.eval, data.eval_targets)},
+        run_config=RunConfig(name=cluster.name, storage_path=cluster.storage_path, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep_checkpoints)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def best_trial(rows: list[dict[str, Any]], keys: list[str], max_t: int) -> tuple[dict[str, Any], list[dict]]:
+    """The configuration with the best mean last accuracy over its seeds, among those with a finished trial,
+    and its best finished trial. Seeds stopped early count with their last accuracy: a cautious mean."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get(METRIC) is not None:
+            groups.setdefault(tuple(row[f"config/{k}"] for k in keys), []).append(row)
+    finished = {k: g for k, g in groups.items() if any(r[TIME] >= max_t for r in g)}
+    if not finished:
+        raise RuntimeError("no trial finished training; see the errors in sweep.json")
+    group = max(finished.values(), key=lambda g: np.mean([r[METRIC] for r in g]))
+    return max((r for r in group if r[TIME] >= max_t), key=lambda r: r[METRIC]), group
+
+
+def export_best(row: dict[str, Any], group: list[dict], recipe: dict[str, Any], keys: list[str],
+                run: RunSettings) -> dict[str, Any]:
+    """Copy the best trial's exported model out of its last checkpoint; save its head set and configuration."""
+    import ray.train
+    from rewardprism.vrm import RewardModel
+
+    folder = run.experiment_dir / BEST_DIR
+    if (folder / "model").exists():  # a finished sweep reported again (--resume): the best may have changed
+        shutil.rmtree(folder / "model")
+    with ray.train.Checkpoint(row["checkpoint_path"]).as_directory() as checkpoint:
+        shutil.copytree(Path(checkpoint) / EXPORT_DIR, folder / "model")
+    params = {k: row[f"config/{k}"] for k in [*keys, SEED]}
+    config = trial_recipe(recipe, {**params, "ray.name": f"{run.name}-best"})
+    model = RewardModel.from_pretrained(folder / "model", device="cpu")
+    heads = save_head_set(model.to_head_set(str(folder / "model"), name=run.name, dataset=config.data.source),
+                          folder / "headset", row["trial_id"])
+    accuracies = [r[METRIC] for r in group]
+    summary = {"kind": "vrm", "params": params, "trial_id": row["trial_id"], METRIC: row[METRIC],
+               "mean_over_seeds": float(np.mean(accuracies)), "std_over_seeds": float(np.std(accuracies)),
+               "seeds": len(accuracies)}
+    write_best(folder, summary, config.to_dict(), heads)
+    return summary
+
+
+def main(
+    config: Annotated[Path, typer.Option(help="sweep file, e.g. tune/vrm_small.yaml")],
+    resume: Annotated[bool, typer.Option(help="finish the interrupted sweep named in the file (Tuner.restore)")] = False,
+) -> None:
+    """Sweep VRM hyperparameters with Ray Tune; write the results table, the best model and the plots."""
+    import ray
+    import ray.tune
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from rewardprism.cli import fail
+
+    try:
+        raw = read_sweep_file(config)
+        space_spec, points = raw.pop("space", None), explicit_points(raw.pop("points", None))
+        sweep = from_dict(VrmSweep, raw, "")
+        domains = search_space(space_spec)
+        base = load_config(sweep.recipe, sweep.overrides)
+        check_reports(base)
+        recipe = base.to_dict()
+        check_values(recipe, space_spec, points)
+        max_t = steps_per_epoch(base, len(prepare_data(base).train)) * base.train.epochs  # data checked here
+        connect_ray()
+        # A trial: its driver (Tune's default 1 CPU; it prepares the data) and its Train workers. The Train
+        # controller takes no resources.
+        per_trial = {"CPU": 1 + base.ray.num_workers * base.ray.cpus_per_worker,
+                     "GPU": base.ray.num_workers * base.ray.use_gpu}
+        # Tune presets only fields of the space: a point's other fields join it at the recipe's values
+        constants = {k: field_value(recipe, k) for p in points for k in p if k not in domains}
+        param_space = {**domains, **constants, SEED: ray.tune.grid_search(list(range(sweep.seeds)))}
+        tune_config = ray.tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=sweep.samples + len(points),
+            # Tune ignores TuneConfig.max_concurrent_trials beside a search generator: the cap goes here
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=copy.deepcopy(points), constant_grid_search=True, random_state=sweep.search_seed,
+                max_concurrent=max_concurrent_trials(per_trial, sweep.run.max_concurrent_trials)),
+            # stop_last_trials=False: a trial that reaches max_t ends by itself, so its Train run exports the
+            # model and shuts down cleanly instead of being killed at its last report
+            scheduler=AsyncHyperBandScheduler(time_attr=TIME, max_t=max_t, grace_period=sweep.asha.grace_period,
+                                              reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False))
+        trainable = ray.tune.with_parameters(run_trial, recipe=recipe,
+                                             train_storage=str(sweep.run.experiment_dir / "train"))
+        grid = fit_or_restore(sweep.run, trainable, resume=resume, param_space=param_space,
+                              tune_config=tune_config)
+    except (ConfigError, DataError) as exc:
+        fail(str(exc))
+    stop_if_interrupted(grid, (sweep.samples + len(points)) * sweep.seeds,
+                        f"python tune/sweep_vrm.py --config {config} --resume")
+    keys = [k for k in param_space if k != SEED]
+    rows = write_results(grid, "vrm", {"config": asdict(sweep), "space": space_spec, "points": points,
+                                       "keys": keys, "metric": METRIC, "max_t": max_t})
+    summary = export_best(*best_trial(rows, keys, max_t), recipe, keys, sweep.run)
+    plots = render_report(sweep.run.experiment_dir)
+    typer.echo(json.dumps({"experiment": str(sweep.run.experiment_dir), "best": summary,
+                           "plots": [str(p) for p in plots]}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,165 @@
+"""Driver-side pieces both sweeps share: the sweep file, the experiment folder, concurrency, results, the best head set.
+
+`sweep_vrm.py` and `sweep_drm.py` import this as a sibling module (their folder is on `sys.path`). Only the driver
+runs it: Tune trials run functions defined in the sweep scripts themselves, which Ray ships by value, so workers
+never need this file — not even under `ray job submit --working-dir .`, where the scripts' folder is not on the
+workers' path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rewardprism.heads import HeadSet
+from rewardprism.vrm import ConfigError
+
+RESULTS_CSV = "results.csv"  # one row per trial: its config and its last reported metrics
+RESULTS_JSON = "results.json"  # the same rows, for `report.py` and scripts
+SWEEP_JSON = "sweep.json"  # what ran: the kind of sweep and its settings
+BEST_DIR = "best"  # the best configuration, its head set and a summary
+PLOTS_DIR = "plots"
+
+
+@dataclass
+class RunSettings:
+    """Where a sweep lives and how wide it runs; the `run:` section of every sweep file."""
+
+    name: str = "sweep"  # the experiment: <storage_path>/<name>
+    storage_path: str = "~/rewardprism-runs/tune"  # shared storage (NFS, s3://...) on a multi-node cluster
+    max_concurrent_trials: int | None = None  # None: as many trials as the cluster's CPUs and GPUs hold
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", f"must be a non-empty name without '/', got {self.name!r}")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ConfigError("max_concurrent_trials", "must be a positive integer, or null to fit the cluster")
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+
+def read_sweep_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError("--config", f"no such file: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of settings")
+    return data
+
+
+def connect_ray() -> None:
+    """Join RAY_ADDRESS or a `ray start` cluster on this machine, else start a local one.
+
+    The address the driver joined is passed on to every worker of the job: Ray Train's placement-group cleaner,
+    which frees the workers of a trial that ASHA stopped, looks its cluster up by RAY_ADDRESS from inside it,
+    and on a host running several Ray clusters finds none without it — the stopped trial's CPUs never return.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(runtime_env={"env_vars": {"RAY_ADDRESS": address}} if address else None)
+
+
+def max_concurrent_trials(per_trial: dict[str, float], configured: int | None) -> int:
+    """Trials that fit the cluster at once, by its scarcest resource — what Ray advises for Tune + Train.
+
+    Without a cap Tune would start every trial's driver and leave their Train workers waiting for resources.
+    On an autoscaling cluster the current size undercounts: set `run.max_concurrent_trials` there.
+    """
+    import ray
+
+    if configured is not None:
+        return configured
+    cluster = ray.cluster_resources()
+    fits = {name: int(cluster.get(name, 0) // need) for name, need in per_trial.items() if need > 0}
+    scarcest = min(fits, key=fits.get)
+    if fits[scarcest] < 1:
+        raise ConfigError("ray.num_workers", f"one trial needs {per_trial}, but the cluster has "
+                                             f"{cluster.get(scarcest, 0):g} {scarcest}: use fewer or smaller workers")
+    return fits[scarcest]
+
+
+def fit_or_restore(run: RunSettings, trainable: Callable, *, resume: bool, param_space: dict[str, Any],
+                   tune_config: Any, max_failures: int = 1):
+    """`Tuner.fit` for a new sweep, or `Tuner.restore(...).fit()` to finish an interrupted one.
+
+    A new sweep refuses a folder that holds one already, so an old experiment is continued only on purpose.
+    Restoring keeps every finished trial and reruns the unfinished and errored ones.
+    """
+    import ray.tune
+
+    path = run.experiment_dir
+    if resume:
+        if not ray.tune.Tuner.can_restore(str(path)):
+            raise ConfigError("--resume", f"no sweep to resume at {path}")
+        return ray.tune.Tuner.restore(str(path), trainable, resume_errored=True).fit()
+    if path.exists():
+        raise ConfigError("run.name", f"{path} holds a sweep already: pass --resume to continue it, or choose "
+                                      "another run.name")
+    run_config = ray.tune.RunConfig(name=run.name, storage_path=str(path.parent),
+                                    failure_config=ray.tune.FailureConfig(max_failures=max_failures))
+    return ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+
+
+def stop_if_interrupted(grid: Any, expected: int, resume: str) -> None:
+    """After Ctrl+C Tune saves its state and returns as if done: say how to continue instead of reporting a part.
+
+    Finished means finished in the saved state (Tune marks the trials it stopped at the interrupt as terminated
+    in memory, but saves them as pending), and all `expected` trials must have been created.
+    """
+    import ray.tune
+    import typer
+
+    saved = ray.tune.ExperimentAnalysis(grid.experiment_path).trials
+    unfinished = expected - sum(t.status in ("TERMINATED", "ERROR") for t in saved)
+    if unfinished:
+        typer.echo(f"interrupted with {unfinished} trial(s) unfinished; continue with: {resume}", err=True)
+        raise typer.Exit(130)
+
+
+def write_results(grid: Any, kind: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The results table (CSV and JSON: config and last metrics per trial) and `sweep.json`; returns the rows.
+
+    Errored trials are listed in `sweep.json` with their error.
+    """
+    folder = Path(grid.experiment_path)
+    table = grid.get_dataframe()
+    checkpoints = {r.metrics["trial_id"]: r.checkpoint.path for r in grid if r.checkpoint is not None}
+    table["checkpoint"] = table["trial_id"].map(checkpoints)  # what a trial saved besides its metrics
+    table.to_csv(folder / RESULTS_CSV, index=False)
+    rows = json.loads(table.to_json(orient="records"))
+    (folder / RESULTS_JSON).write_text(json.dumps(rows, indent=1))
+    errors = {r.path: repr(r.error) for r in grid if r.error is not None}
+    (folder / SWEEP_JSON).write_text(json.dumps({"kind": kind, **settings, "errors": errors}, indent=1, default=str))
+    return rows
+
+
+def save_head_set(heads: HeadSet, folder: Path, label: str) -> HeadSet:
+    """Save with version `<label>-<content hash>`: registering the same heads twice is a no-op in the registry,
+    and different heads under the same sweep name never collide."""
+    heads = dataclasses.replace(heads, version=f"{label}-{heads.content_hash[:8]}")
+    heads.save(folder)
+    return heads
+
+
+def write_best(folder: Path, summary: dict[str, Any], config: dict[str, Any], heads: HeadSet) -> None:
+    """`best/config.yaml` (run it again) and `best/summary.json` (what won, and how to serve it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    summary = {**summary, "head_set": {"name": heads.name, "version": heads.version, "path": str(folder / "headset")},
+               "register": f"rewardprism models register {folder / 'headset'} --activate"}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else str(value)
