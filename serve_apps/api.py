@@ -142,7 +142,7 @@ def create_api(service: ScoringService) -> FastAPI:
         try:
             schemas.storable_json(export)
         except ValueError as exc:
-            raise ApiError(422, str(exc), ["export"]) from None
+            raise ApiError(422, str(exc)) from None
         return await service.import_user(who, export)
 
     @api.get("/admin/head-sets", response_model=list[schemas.HeadSetOut], tags=["admin"])

@@ -33,7 +33,7 @@ from serve_apps.settings import ServeSettings
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class Embedder:
     def __init__(self):
-        self.settings = ServeSettings.from_env()
+        self.apply(ServeSettings.from_env())
         self.scorers: dict[str, BatchScorer] = {}  # by backbone spec: normally one
         # One thread runs every forward pass: the event loop stays free to gather the next batch, and the memory
         # the allocator keeps for the batch shapes it has seen stays in one arena instead of one per thread.
@@ -43,9 +43,12 @@ class Embedder:
             self.scorer(self.settings.backbone)  # load at start, not on the first request
 
     def reconfigure(self, user_config: dict) -> None:
-        self.settings = ServeSettings.from_env().live(user_config)
-        self._batch.set_max_batch_size(self.settings.batch_max_requests)
-        self._batch.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+        self.apply(ServeSettings.from_env().live(user_config))
+
+    def apply(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self._batch.set_max_batch_size(settings.batch_max_requests)
+        self._batch.set_batch_wait_timeout_s(settings.batch_wait_s)
 
     def scorer(self, spec: str) -> BatchScorer:
         if spec not in self.scorers:

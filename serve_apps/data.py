@@ -28,7 +28,7 @@ class Caller:
 
 def to_profile(row: ProfileRow) -> Profile:
     return Profile(np.asarray(row.weights, dtype=np.float64), float(row.bias), row.head_set.content_hash,
-                   row.version, row.method, row.n_pairs)
+                   row.version)
 
 
 def read_user_state(session: Session, external_id: str) -> UserState:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,13 +174,14 @@ def test_cli_decompose_adapt_evaluate(tmp_path):
 
 
 def test_train_drm_recipe_runs_end_to_end_on_a_tiny_backbone(tmp_path):
-    from train_drm import main
-
-    main(["--dataset", "synthetic", "--synthetic_per_user", "24", "--backbone", "tiny-bert", "--max_length", "64",
-          "--n_components", "4", "--n_values", "[3]", "--seeds", "2", "--use_ray", "false",
-          "--output_dir", str(tmp_path / "run")])
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "train_drm.py", "--dataset", "synthetic", "--synthetic_per_user", "24", "--backbone",
+               "tiny-bert", "--max_length", "64", "--n_components", "4", "--n_values", "[3]", "--seeds", "2",
+               "--use_ray", "false", "--output_dir", str(tmp_path / "run")]
+    done = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["config"]["backbone"] == "tiny-bert" and report["head_set"]["num_heads"] == 9
     assert (tmp_path / "run" / "heads" / "headset.json").exists()
-    with pytest.raises(SystemExit):
-        main(["--dataset", "synthetic", "--n_components", "0", "--use_ray", "false"])
+    bad = subprocess.run(command + ["--n_components", "0"], check=False, cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and "n_components: must be at least 1" in bad.stderr

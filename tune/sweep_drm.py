@@ -222,7 +222,8 @@ def main(
         param_space = {"heads": ray.tune.grid_search(sweep.heads),
                        "pairs": ray.tune.grid_search(sweep.adaptation_pairs),
                        "method": ray.tune.grid_search(sweep.methods)}
-        tune_config = ray.tune.TuneConfig(metric=METRIC, mode="max",
+        # reuse_actors: a trial is a second of numpy, starting a worker process for each would cost more
+        tune_config = ray.tune.TuneConfig(metric=METRIC, mode="max", reuse_actors=True,
                                           max_concurrent_trials=max_concurrent_trials(
                                               {"CPU": 1}, sweep.run.max_concurrent_trials))
         trainable = ray.tune.with_parameters(run_trial, data=data, seeds=sweep.seeds)

@@ -9,7 +9,7 @@ Batched functions adapt many users at once, padded to the longest user: (U, n, H
   loss_h = Σᵢ −log σ(z_chosen,i − z_rejected,i), weights = softmax(−loss / T).
 - `bt`: Bradley-Terry weights with a Gaussian prior centred on the population profile (MAP), one strength.
 - `default` (`hierarchical_bt`): the MAP-BT profiles for a ladder of prior strengths, averaged with each
-  strength's posterior probability: its Laplace evidence for the user's labels times a hyperprior centred on
+  strength's posterior probability: its Laplace evidence for the user's labels times a hyperprior centred near
   the strength at which the evidence summed over many users peaks (`prior_strength_evidence`).
 
 Why not HyRe as the default: it starts from a uniform belief over heads and, with few labels, hands the weight
@@ -31,8 +31,10 @@ import torch
 Method = Literal["default", "hyre", "bt"]
 Profiles = tuple[np.ndarray, np.ndarray]  # weights (U, H), bias (U,)
 METHODS = ("default", "hyre", "bt")
-# Prior precision / the user's mean squared score gap. 50 is where the evidence summed over the users of both
-# AlpacaEval judges peaks (docs/drm.md); the hyperprior of `hierarchical_bt` is centred there.
+# Prior precision / the user's mean squared score gap: the centre of `hierarchical_bt`'s hyperprior. The evidence
+# summed over users peaks between 30 and 1000 on the AlpacaEval judges (every `rewardprism evaluate` report
+# prints it; docs/drm.md), and users far from the population (the synthetic ones) need the weak end: 50 serves
+# both, one decade either way.
 DEFAULT_STRENGTH = 50.0
 STRENGTHS = np.logspace(-1, 3, 9)  # the ladder `hierarchical_bt` averages over
 

@@ -279,7 +279,7 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
         "best_heads": {g: {"head": heads.head_names[int(h)], "accuracy": float(per_head[i, h])}
                        for i, (g, h) in enumerate(zip(groups, best))},
     }
-    if baselines:
+    if baselines and use_prior:  # the population profile row is then the prior adaptation starts from
         report["gap_recovered"] = _gap_recovered(report["rows"])
     picks = sample_adaptation(test, n_values[0], seeds)
     idx = np.concatenate(list(picks.values()))  # (G·S, n): every adapted user of the smallest n

@@ -52,8 +52,6 @@ class Profile:
     bias: float
     head_set: str  # content hash of the head set the weights are over
     version: int | None = None
-    method: str = "default"
-    n_pairs: int = 0
 
     @classmethod
     def default(cls, heads: HeadSet) -> Profile:
