@@ -10,7 +10,7 @@ profile; feedback and admin calls answer 503 and write nothing (each is one tran
 database returns works again: the engine re-connects (pool pre-ping), and nothing here caches a failure.
 
 Profiles are cached per replica by (user, version). Every score request checks its user's current version
-with the store — one small query for all the requests that arrive together (`VersionCheck`) — so a profile
+with the store — one small query for all the requests that arrive together (`Coalesced`) — so a profile
 written by any replica is used by the very next request anywhere, and a cached one costs no more than that
 check. The active head set is re-read every `head_set_poll_s`.
 """
@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -53,6 +53,7 @@ from serve_apps.settings import ServeSettings
 
 log = logging.getLogger("rewardprism.serve")
 T = TypeVar("T")
+R = TypeVar("R")
 
 FEEDBACK_ATTEMPTS = 20  # transactions tried per feedback call before answering 409
 # The store's name for each adaptation method: adapt's `default` shrinks toward the population profile (the
@@ -145,24 +146,25 @@ def head_set_out(row: store.HeadSet) -> schemas.HeadSetOut:
                               active=row.active, created_at=row.created_at)
 
 
-class VersionCheck:
-    """Coalesces the version checks of concurrent requests: one query at a time, for every user waiting.
+class Coalesced(Generic[R]):
+    """One query at a time for every key waiting: `await lookup(key)` joins the next query of `work`.
 
-    While a query runs, new requests gather for the next one, so the load on the database grows with the
-    number of concurrent batches, not of requests; and a hung database ties up one connection, not all.
+    While a query runs, new keys gather for the next one, so the database sees one query per wave of requests,
+    not one per request; and a hung database ties up one connection, not all of them.
     """
 
-    def __init__(self, read: Callable[..., Awaitable[dict[str, tuple[bool, int | None]]]]):
-        self.read = read
+    def __init__(self, read: Callable[..., Awaitable[dict[str, R]]],
+                 work: Callable[[Session, list[str]], dict[str, R]]):
+        self.read, self.work = read, work
         self.waiting: dict[str, list[asyncio.Future]] = {}
         self.running: asyncio.Task | None = None
 
-    async def __call__(self, user: str, timeout_s: float | None) -> tuple[bool, int | None]:
-        """(user exists, profile version) from the store; TimeoutError past `timeout_s`, Unavailable if down."""
+    async def __call__(self, key: str, timeout_s: float | None = None) -> R:
+        """The result for `key`; TimeoutError past `timeout_s` (the query goes on for the others)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a waiter that timed out won't look
-        self.waiting.setdefault(user, []).append(future)
+        self.waiting.setdefault(key, []).append(future)
         if self.running is None:
             self.running = loop.create_task(self._run())
         return await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -172,17 +174,17 @@ class VersionCheck:
             while self.waiting:
                 batch, self.waiting = self.waiting, {}
                 try:
-                    versions = await self.read(data.current_versions, list(batch))
+                    results = await self.read(self.work, list(batch))
                 except Exception as exc:  # noqa: BLE001 (every waiter gets it: Unavailable, mostly)
                     for futures in batch.values():
                         for future in futures:
                             if not future.done():
                                 future.set_exception(exc)
                     continue
-                for user, futures in batch.items():
+                for key, futures in batch.items():
                     for future in futures:
                         if not future.done():
-                            future.set_result(versions[user])
+                            future.set_result(results[key])
         finally:
             self.running = None
 
@@ -197,7 +199,8 @@ class ScoringService:
         self.db = ThreadPoolExecutor(store_settings.pool_size + store_settings.max_overflow,
                                      thread_name_prefix="rewardprism-db")
         self.profiles = ProfileCache(settings.profile_cache_size)
-        self.versions = VersionCheck(self.read)
+        self.versions = Coalesced(self.read, data.current_versions)  # (user exists, profile version)
+        self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
         self.keys: LruCache[str, tuple[data.Caller, float]] = LruCache(10_000)  # sha256(token) → caller, when
         self.pair_scores: LruCache[tuple[str, str], np.ndarray] = LruCache(settings.pair_cache_size)  # (2, H)
         self.served: ServedHeads | None = None
@@ -345,7 +348,7 @@ class ScoringService:
             state = self.profiles.get(user, version)
             self.metrics.cache("miss" if state is None else "hit")
             if state is None:
-                state = await self.read(data.read_user_state, user)
+                state = await self.states(user)
                 self.profiles.put(user, state)
         except (Unavailable, TimeoutError):  # unreachable or too slow: the last state this replica saw, if any
             state, stale = self.profiles.latest(user), True

@@ -31,7 +31,7 @@ class ServeSettings(BaseModel):
     # set's training embeddings got) and are flagged `truncated`, or are refused with 422 under `reject`.
     max_tokens: int = Field(512, ge=8, le=8192)
     over_length: Literal["truncate", "reject"] = "truncate"
-    token_budget: int = Field(16384, ge=64, description="padded tokens per forward pass")
+    token_budget: int | None = Field(None, ge=64, description="padded tokens per forward pass (default: the device's, `rewardprism.embed.default_token_budget`)")
     max_batch: int = Field(64, ge=1, description="texts per forward pass")
     batch_max_requests: int = Field(32, ge=1, le=1024, description="requests gathered by one @serve.batch")
     batch_wait_s: float = Field(0.005, ge=0, le=1)

@@ -25,7 +25,8 @@ def random_users(users: int, n: int, heads: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
-def test_hyre_matches_the_reference_steps(temperature):
+def test_hyre_matches_the_reference_steps(temperature, monkeypatch):
+    monkeypatch.setattr("rewardprism.adapt.USER_BLOCK", 2)  # 5 users: blocks of 2, 2 and 1
     chosen, rejected = random_users(5, 7, 9)
     chosen[:, :, 4] = 2.5  # a constant head: std 0 → 1
     rejected[:, :, 4] = 2.5

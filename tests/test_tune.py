@@ -93,6 +93,21 @@ def assert_pngs(paths: list[Path]) -> None:
 
 # ----------------------------------------------------------------------------------------------- no cluster
 
+def test_every_sweep_file_in_tune_is_valid():
+    """Each shipped sweep file passes every check the scripts make before Ray starts, except reading the data."""
+    for path in sorted(TUNE.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if "recipe" in raw:
+            space, points = raw.pop("space"), sweep_vrm.explicit_points(raw.pop("points", None))
+            sweep = from_dict(sweep_vrm.VrmSweep, raw, "")
+            sweep_vrm.search_space(space)
+            recipe = load_config(ROOT / sweep.recipe, sweep.overrides)
+            sweep_vrm.check_reports(recipe)
+            sweep_vrm.check_values(recipe.to_dict(), space, points)
+        else:
+            from_dict(sweep_drm.DrmSweep, raw, "")
+
+
 def test_sweep_files_fail_naming_the_field():
     with pytest.raises(ConfigError, match=r"^space.model.lam: must be \{loguniform"):
         sweep_vrm.search_space({"model.lam": {"loguniform": [0.1]}})

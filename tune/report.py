@@ -20,14 +20,15 @@ matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt
 import numpy as np
 import typer
+from sweeps import BEST_DIR, PLOTS_DIR, RESULTS_JSON, SWEEP_JSON
 
 DPI = 110
 
 
 def read_sweep(experiment: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    meta, rows = (experiment / "sweep.json"), (experiment / "results.json")
+    meta, rows = experiment / SWEEP_JSON, experiment / RESULTS_JSON
     if not (meta.exists() and rows.exists()):
-        raise FileNotFoundError(f"{experiment} has no sweep.json and results.json: run tune/sweep_vrm.py or "
+        raise FileNotFoundError(f"{experiment} has no {SWEEP_JSON} and {RESULTS_JSON}: run tune/sweep_vrm.py or "
                                 "tune/sweep_drm.py first (they write them when the sweep ends)")
     return json.loads(meta.read_text()), json.loads(rows.read_text())
 
@@ -36,12 +37,12 @@ def render_report(experiment: Path, *, heads: int | None = None, pairs: int | No
                   method: str | None = None, out: Path | None = None) -> list[Path]:
     """Every plot of the sweep in `experiment`, as PNG files in `out` (default <experiment>/plots)."""
     meta, rows = read_sweep(experiment)
-    out = out or experiment / "plots"
+    out = out or experiment / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     title = meta["config"]["run"]["name"]
     if meta["kind"] == "vrm":
         return [plot_accuracy_vs_lambda(rows, meta, title, out / "accuracy_vs_lambda.png")]
-    best = json.loads((experiment / "best" / "summary.json").read_text())
+    best = json.loads((experiment / BEST_DIR / "summary.json").read_text())
     chosen = {"config/heads": heads or best["heads"], "config/pairs": pairs or best["pairs"],
               "config/method": method or best["method"]}
     match = [r for r in rows if all(r.get(k) == v for k, v in chosen.items())]

@@ -114,21 +114,37 @@ def explicit_points(points: Any) -> list[dict[str, Any]]:
     return points
 
 
+PATH_FIELDS = ("data.source", "data.drm_heads", "data.drm_backbone", "model.backbone")
+
+
 def trial_recipe(recipe: dict[str, Any], params: dict[str, Any]) -> RecipeConfig:
     """The recipe with dotted `params` set, validated field by field (errors name the field)."""
     data = copy.deepcopy(recipe)
     for key, value in params.items():
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value.item() if isinstance(value, np.generic) else value  # Tune samples numpy scalars
+        set_field(data, key, value.item() if isinstance(value, np.generic) else value)  # Tune samples numpy
     return from_dict(RecipeConfig, data, "")
+
+
+def set_field(recipe: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        recipe = recipe.setdefault(part, {})
+    recipe[leaf] = value
 
 
 def field_value(recipe: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         recipe = recipe[part]
+    return recipe
+
+
+def absolute_paths(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Tune runs each trial in its own folder: local files the recipe names become absolute paths."""
+    recipe = copy.deepcopy(recipe)
+    for key in PATH_FIELDS:
+        value = field_value(recipe, key)
+        if value and Path(value).expanduser().exists():
+            set_field(recipe, key, str(Path(value).expanduser().resolve()))
     return recipe
 
 
@@ -246,7 +262,7 @@ def main(
         domains = search_space(space_spec)
         base = load_config(sweep.recipe, sweep.overrides)
         check_reports(base)
-        recipe = base.to_dict()
+        recipe = absolute_paths(base.to_dict())
         check_values(recipe, space_spec, points)
         max_t = steps_per_epoch(base, len(prepare_data(base).train)) * base.train.epochs  # data checked here
         connect_ray()

@@ -24,7 +24,7 @@ RESULTS_CSV = "results.csv"  # one row per trial: its config and its last report
 RESULTS_JSON = "results.json"  # the same rows, for `report.py` and scripts
 SWEEP_JSON = "sweep.json"  # what ran: the kind of sweep and its settings
 BEST_DIR = "best"  # the best configuration, its head set and a summary
-PLOTS_DIR = "plots"
+PLOTS_DIR = "plots"  # report.py's PNGs
 
 
 @dataclass
@@ -32,7 +32,7 @@ class RunSettings:
     """Where a sweep lives and how wide it runs; the `run:` section of every sweep file."""
 
     name: str = "sweep"  # the experiment: <storage_path>/<name>
-    storage_path: str = "~/rewardprism-runs/tune"  # shared storage (NFS, s3://...) on a multi-node cluster
+    storage_path: str = "~/rewardprism-runs/tune"  # on several nodes: a folder every node mounts (NFS)
     max_concurrent_trials: int | None = None  # None: as many trials as the cluster's CPUs and GPUs hold
 
     def __post_init__(self) -> None:

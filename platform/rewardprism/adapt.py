@@ -77,15 +77,17 @@ def _as_batch(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None,
         raise ValueError(f"chosen and rejected scores must both be (users, pairs, heads), got {chosen.shape} "
                          f"and {rejected.shape}")
     users, n, heads = chosen.shape
-    mask = np.ones((users, n), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    if mask.shape != (users, n):
-        raise ValueError(f"mask must be (users, pairs) = {(users, n)}, got {mask.shape}")
-    if not (np.isfinite(chosen[mask]).all() and np.isfinite(rejected[mask]).all()):
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (users, n):
+            raise ValueError(f"mask must be (users, pairs) = {(users, n)}, got {mask.shape}")
+        if not mask.any(axis=1).all():
+            raise ValueError(f"user(s) {np.flatnonzero(~mask.any(axis=1))[:5].tolist()} have no labelled pairs")
+        chosen, rejected = np.where(mask[..., None], chosen, 0.0), np.where(mask[..., None], rejected, 0.0)
+    if not (np.isfinite(chosen.sum()) and np.isfinite(rejected.sum())):  # one pass each; NaN/inf propagate
         raise ValueError("head scores hold NaN or inf")
-    if not mask.any(axis=1).all():
-        raise ValueError(f"user(s) {np.flatnonzero(~mask.any(axis=1))[:5].tolist()} have no labelled pairs")
-    chosen, rejected = np.where(mask[..., None], chosen, 0.0), np.where(mask[..., None], rejected, 0.0)
-    return (torch.from_numpy(chosen), torch.from_numpy(rejected), torch.from_numpy(mask).to(torch.float64),
+    weight = torch.ones(users, n, dtype=torch.float64) if mask is None else torch.from_numpy(mask).to(torch.float64)
+    return (torch.from_numpy(chosen), torch.from_numpy(rejected), weight,
             _per_user(prior, users, heads, "prior weights"))
 
 
@@ -99,26 +101,43 @@ def _per_user(weights: np.ndarray | None, users: int, heads: int, name: str) -> 
 
 # ----------------------------------------------------------------------------------------------- HyRe
 
+USER_BLOCK = 64  # users per HyRe block: a block's (users, n, H) arrays stay in cache (64: fastest measured)
+
+
 def hyre(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None = None, *,
          temperature: float = 1.0) -> Profiles:
     """HyRe profiles, with the reference's per-head standardization folded into weights and bias.
 
     The reference scores a response by Σ_h w_h (s_h − m_h) / sd_h; over raw scores that is
-    weights = w / sd and bias = −Σ_h w_h m_h / sd_h.
+    weights = w / sd and bias = −Σ_h w_h m_h / sd_h. Users go through in blocks of `USER_BLOCK`, each block
+    vectorized: a block's intermediates stay in cache, which makes a large batch several times faster.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     c, r, m, _ = _as_batch(chosen, rejected, mask)
-    count = 2 * m.sum(1, keepdim=True)  # (U, 1) pooled scores per user
-    mean = (c.sum(1) + r.sum(1)) / count  # (U, H)
-    squares = (((c - mean[:, None]) ** 2 + (r - mean[:, None]) ** 2) * m[..., None]).sum(1)  # (U, H)
-    sd = torch.sqrt(squares / (count - 1))  # unbiased; count ≥ 2
+    padded = mask is not None
+    blocks = [_hyre_block(c[s:s + USER_BLOCK], r[s:s + USER_BLOCK], m[s:s + USER_BLOCK], temperature, padded)
+              for s in range(0, len(c), USER_BLOCK)]
+    return torch.cat([w for w, _ in blocks]).numpy(), torch.cat([b for _, b in blocks]).numpy()
+
+
+def _hyre_block(c: torch.Tensor, r: torch.Tensor, m: torch.Tensor, temperature: float,
+                padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """HyRe for (B, n, H) scores; padded entries are zero and `m` (B, n) marks the real ones."""
+    count = 2 * m.sum(1, keepdim=True)  # (B, 1) pooled scores per user
+    mean = (c.sum(1) + r.sum(1)) / count  # (B, H)
+    dev_c, dev_r = c - mean[:, None], r - mean[:, None]  # (B, n, H)
+    if padded:
+        dev_c, dev_r = dev_c * m[..., None], dev_r * m[..., None]
+    sd = torch.sqrt((dev_c.square_().sum(1) + dev_r.square_().sum(1)) / (count - 1))  # (B, H) unbiased
     sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-    margin = (c - r) / sd[:, None]  # (U, n, H) z_chosen − z_rejected: the mean cancels
-    loss = (torch.nn.functional.softplus(-margin) * m[..., None]).sum(1)  # (U, H) Σᵢ −log σ(margin)
-    w = torch.softmax(-loss / temperature, dim=1)  # (U, H)
+    margin = (c - r).div_(sd[:, None])  # (B, n, H) z_chosen − z_rejected: the mean cancels
+    nll = torch.nn.functional.softplus(margin.neg_())  # −log σ(margin)
+    if padded:
+        nll = nll * m[..., None]
+    w = torch.softmax(nll.sum(1).div_(-temperature), dim=1)  # (B, H) softmax(−loss / T)
     weights = w / sd
-    return weights.numpy(), -(weights * mean).sum(1).numpy()
+    return weights, -(weights * mean).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------- Bradley-Terry

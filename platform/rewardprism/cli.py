@@ -61,7 +61,7 @@ def embed(
     limit: Optional[int] = typer.Option(None, min=1, help="embed only the first N pairs"),
     skip_bad_rows: bool = typer.Option(False, help="log and leave out malformed rows instead of stopping"),
     max_length: int = typer.Option(512, min=8, help="tokens per text; longer texts are truncated"),
-    token_budget: int = typer.Option(16384, min=1, help="padded tokens per forward batch"),
+    token_budget: Optional[int] = typer.Option(None, min=1, help="padded tokens per forward batch (default: 2048 on CPU, 65536 on CUDA)"),
     max_batch: int = typer.Option(64, min=1, help="texts per forward batch, at most"),
     shard_size: int = typer.Option(4096, min=1, help="pairs per shard on disk"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),

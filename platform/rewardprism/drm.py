@@ -29,8 +29,8 @@ def pair_differences(chosen: np.ndarray, rejected: np.ndarray, first_row: int = 
     chosen, rejected = np.asarray(chosen), np.asarray(rejected)
     if chosen.ndim != 2 or chosen.shape != rejected.shape:
         raise ValueError(f"chosen and rejected must both be (n, d), got {chosen.shape} and {rejected.shape}")
-    diff = chosen.astype(np.float64) - rejected  # (n, d)
-    if not np.isfinite(diff).all():
+    diff = np.subtract(chosen, rejected, dtype=np.float64)  # (n, d), one pass
+    if not np.isfinite(diff.sum()):  # NaN or inf anywhere makes the sum so; locate rows only then
         bad = np.flatnonzero(~np.isfinite(diff).all(axis=1))
         raise ValueError(f"embeddings hold NaN or inf in {len(bad)} pair(s), first at row {first_row + bad[0]}")
     return diff
@@ -54,10 +54,10 @@ class DifferenceMoments:
 
     @classmethod
     def of(cls, chosen: np.ndarray, rejected: np.ndarray, first_row: int = 0) -> DifferenceMoments:
-        diff = pair_differences(chosen, rejected, first_row)
-        mean = diff.mean(axis=0) if len(diff) else np.zeros(diff.shape[1])
-        centred = diff - mean
-        return cls(len(diff), mean, centred.T @ centred)
+        centred = pair_differences(chosen, rejected, first_row)
+        mean = centred.mean(axis=0) if len(centred) else np.zeros(centred.shape[1])
+        centred -= mean
+        return cls(len(centred), mean, centred.T @ centred)  # Xᵀ X of one buffer: BLAS syrk, half a GEMM
 
     @property
     def dim(self) -> int:

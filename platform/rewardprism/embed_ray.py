@@ -19,7 +19,8 @@ from rewardprism.embed import EmbedReport, EmbeddingExtractor, ShardWriter, chun
 class ShardEmbedder:
     """Ray Data actor: one backbone per actor, one shard per row."""
 
-    def __init__(self, backbone: str, max_length: int, token_budget: int, max_batch: int, device: str | None):
+    def __init__(self, backbone: str, max_length: int, token_budget: int | None, max_batch: int,
+                 device: str | None):
         self.extractor = EmbeddingExtractor(load_backbone(backbone, max_length=max_length, device=device),
                                             token_budget, max_batch)
 
@@ -41,7 +42,7 @@ def _objects(arrays: list[np.ndarray]) -> np.ndarray:
 
 def embed_pairs_ray(pairs: Iterable[PreferencePair], backbone: str, out_dir: str | Path, *, dim: int,
                     num_actors: int = 2, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
-                    shard_size: int = 1024, max_length: int = 512, token_budget: int = 16384,
+                    shard_size: int = 1024, max_length: int = 512, token_budget: int | None = None,
                     max_batch: int = 64, dataset: str = "", progress: bool = True) -> EmbedReport:
     """Embed on the current Ray cluster (`ray.init()` first, or it starts a local one)."""
     import ray

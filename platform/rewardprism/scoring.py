@@ -140,7 +140,7 @@ class BatchScorer:
     heads were fitted on; every text's result says whether it was cut.
     """
 
-    def __init__(self, backbone: Backbone, token_budget: int = 16384, max_batch: int = 64):
+    def __init__(self, backbone: Backbone, token_budget: int | None = None, max_batch: int = 64):
         self.backbone = backbone
         self.extractor = EmbeddingExtractor(backbone, token_budget=token_budget, max_batch=max_batch)
 
