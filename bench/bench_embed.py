@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_section  # noqa: E402
-
-from rewardprism.backbone import load_backbone  # noqa: E402
-from rewardprism.data import iter_pairs, render  # noqa: E402
-from rewardprism.embed import EmbeddingExtractor, embed_pairs, token_budget_batches  # noqa: E402
+from report import write_section
+from rewardprism.backbone import load_backbone
+from rewardprism.data import iter_pairs, render
+from rewardprism.embed import EmbeddingExtractor, embed_pairs, token_budget_batches
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 BATCH = 32  # texts per fixed-order batch (the comparison)

@@ -51,7 +51,7 @@ def step_times(pairs, steps: int, max_length: int) -> dict[str, float]:
     for kind in ("vrm", "bt"):
         model = make_model(kind, max_length)
         runs[kind] = (model, torch.optim.AdamW(model.parameters(), lr=1e-5),
-                      PairCollator(model.backbone, with_prompts=model.is_vrm)(rows))
+                      PairCollator(model.backbone, model.is_vrm, model.config.prompt_max_length)(rows))
     times: dict[str, list[float]] = {kind: [] for kind in runs}
     for i in range(steps + 1):
         for kind, (model, optimizer, batch) in runs.items():

@@ -70,7 +70,8 @@ def create_api(service: ScoringService) -> FastAPI:
     @api.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         if exc.status == 422:
-            locs = [["body", *field.replace("]", "").replace("[", ".").split(".")] for field in exc.fields] or [["body"]]
+            locs = ([["body", *field.replace("]", "").replace("[", ".").split(".")] for field in exc.fields]
+                    or [["body"]])
             detail: Any = [{"loc": [int(p) if p.isdigit() else p for p in loc], "msg": exc.message,
                             "type": "value_error"} for loc in locs]
         else:
@@ -159,6 +160,22 @@ def create_api(service: ScoringService) -> FastAPI:
                                 who: Auth) -> schemas.HeadSetOut:
         """Serve this version of `name` from now on (profiles over another version fall back to the default)."""
         return await service.activate_head_set(who, name, version)
+
+    @api.post("/admin/keys", response_model=schemas.KeyCreated, status_code=201, tags=["admin"])
+    async def create_key(body: schemas.KeyCreate, who: Auth) -> schemas.KeyCreated:
+        """A new API key; its token is in this response only."""
+        return await service.create_key(who, body)
+
+    @api.get("/admin/keys", response_model=list[schemas.KeyOut], tags=["admin"])
+    async def list_keys(who: Auth, revoked: bool = False) -> list[schemas.KeyOut]:
+        """Keys without their secrets; `revoked=true` lists revoked ones too."""
+        return await service.list_keys(who, revoked)
+
+    @api.delete("/admin/keys/{prefix}", response_model=schemas.KeyOut, tags=["admin"])
+    async def revoke_key(prefix: Annotated[str, Path(min_length=1, max_length=16, pattern=r"^[0-9a-f]+$")],
+                         who: Auth) -> schemas.KeyOut:
+        """Revoke a key: refused at once on this replica, on the others within `auth_cache_s`."""
+        return await service.revoke_key(who, prefix)
 
     @api.get("/healthz", response_model=schemas.Health, tags=["ops"])
     async def healthz() -> schemas.Health:

@@ -13,6 +13,9 @@ Settings come from the environment (`serve_apps.settings`); `user_config` change
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +31,19 @@ from rewardprism.scoring import BatchScorer, LruCache, ScoredJob, ScoreJob
 from serve_apps.api import create_api
 from serve_apps.service import HeadSetRef, ScoringService, Unavailable
 from serve_apps.settings import ServeSettings
+
+# glibc keeps the memory freed after each batch for reuse, but batches come in ever new shapes, so a busy
+# replica grew by ~65 MiB/min and never gave it back; trimming after every batch keeps it flat at no measurable
+# cost (bench/bench_serve.py, BENCHMARKS.md). Elsewhere (macOS, musl) nothing is done.
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+def score_and_trim(scorer: BatchScorer, heads: HeadSet, jobs: list[ScoreJob]) -> list[ScoredJob]:
+    try:
+        return scorer.score(heads, jobs)
+    finally:
+        if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -83,7 +99,7 @@ class Embedder:
                 heads = self.head_set(ref)
                 scorer = self.scorer(self.settings.backbone or ref.backbone)
                 scored = await asyncio.get_running_loop().run_in_executor(
-                    self.compute, scorer.score, heads, [requests[i][1] for i in members])
+                    self.compute, score_and_trim, scorer, heads, [requests[i][1] for i in members])
             except Exception as exc:  # noqa: BLE001 (handed to each caller of the group, who re-raises it)
                 scored = [exc] * len(members)
             for i, result in zip(members, scored):

@@ -17,16 +17,17 @@ import yaml
 CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 
-def app_config(name: str, route_prefix: str, env: dict[str, str], *, replicas: int = 1,
+def app_config(name: str, route_prefix: str, env: dict[str, str], *, replicas: int | dict[str, int] = 1,
                num_cpus: dict[str, float] | None = None, user_config: dict[str, Any] | None = None) -> dict:
     """The application of config.yaml under another name and prefix, with literal env vars (no `${...}`),
-    fixed replica counts, `num_cpus` per deployment name, and `user_config` merged into the Ingress's."""
+    fixed replica counts (for all, or per deployment name), `num_cpus` per deployment name, and `user_config`
+    merged into the Ingress's."""
     app = yaml.safe_load(CONFIG.read_text())["applications"][0]
     app.update(name=name, route_prefix=route_prefix)
     app["runtime_env"]["env_vars"] = {"TOKENIZERS_PARALLELISM": "false", **env}
     for deployment in app["deployments"]:
         deployment.pop("autoscaling_config", None)
-        deployment["num_replicas"] = replicas
+        deployment["num_replicas"] = replicas if isinstance(replicas, int) else replicas.get(deployment["name"], 1)
         deployment["ray_actor_options"] = {"num_cpus": (num_cpus or {}).get(deployment["name"], 0.1)}
         if deployment["name"] == "Ingress":
             deployment["user_config"].update(user_config or {})

@@ -212,6 +212,25 @@ class HeadSetOut(BaseModel):
     created_at: datetime
 
 
+class KeyCreate(Body):
+    scopes: list[Literal["score", "feedback", "admin"]] = Field(min_length=1, max_length=3)
+    user_id: UserId | None = Field(None, description="bind the key to this user: it then acts only for them")
+    name: Annotated[str, StringConstraints(max_length=NAME_MAX, pattern=NO_NUL)] | None = None
+
+
+class KeyOut(BaseModel):
+    prefix: str = Field(description="the public part of the token, for listings, revocation and the audit log")
+    name: str | None
+    scopes: list[str]
+    user_id: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    token: str = Field(description="the whole key, shown this once: only a salted hash of it is stored")
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: Literal["ok", "unreachable"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import random
@@ -55,6 +56,8 @@ log = logging.getLogger("rewardprism.serve")
 T = TypeVar("T")
 R = TypeVar("R")
 
+# The caller behind REWARDPRISM_ADMIN_KEY; "env:admin" is what the audit log records as its key.
+BOOTSTRAP_ADMIN = data.Caller("env:admin", frozenset({"admin"}), None)
 FEEDBACK_ATTEMPTS = 20  # transactions tried per feedback call before answering 409
 # The store's name for each adaptation method: adapt's `default` shrinks toward the population profile (the
 # store's `default` means the head set's default weights, as after a reset).
@@ -144,6 +147,12 @@ def head_set_out(row: store.HeadSet) -> schemas.HeadSetOut:
     return schemas.HeadSetOut(name=row.name, version=row.version, kind=row.kind, backbone=row.backbone, dim=row.dim,
                               num_heads=row.num_heads, content_hash=row.content_hash, uri=row.uri,
                               active=row.active, created_at=row.created_at)
+
+
+def key_out(key: store.ApiKey) -> schemas.KeyOut:
+    return schemas.KeyOut(prefix=key.prefix, name=key.name, scopes=key.scopes,
+                          user_id=None if key.user is None else key.user.external_id, created_at=key.created_at,
+                          revoked_at=key.revoked_at)
 
 
 class Coalesced(Generic[R]):
@@ -291,6 +300,9 @@ class ScoringService:
         """The caller behind an API key; a key verified before an outage keeps working through it."""
         if not token:
             raise ApiError(401, "missing API key: send it in the X-API-Key header")
+        admin_key = self.settings.admin_key
+        if admin_key is not None and hmac.compare_digest(token.encode(), admin_key.get_secret_value().encode()):
+            return BOOTSTRAP_ADMIN
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self.keys.peek(digest)
         if cached is not None and time.monotonic() - cached[1] < self.settings.auth_cache_s:
@@ -600,6 +612,23 @@ class ScoringService:
         out = await self.admin(caller, "head_set.activate", f"{name}@{version}", lambda session: head_set_out(
             store.activate_head_set(session, name, version)))
         await self.refresh()
+        return out
+
+    async def create_key(self, caller: data.Caller, body: schemas.KeyCreate) -> schemas.KeyCreated:
+        def create(session: Session) -> schemas.KeyCreated:
+            key, token = store.create_api_key(session, body.scopes, user_external_id=body.user_id, name=body.name)
+            return schemas.KeyCreated(**key_out(key).model_dump(), token=token)
+        return await self.admin(caller, "key.create", body.user_id or "*", create,
+                                details={"scopes": sorted(set(body.scopes)), "name": body.name})
+
+    async def list_keys(self, caller: data.Caller, revoked: bool) -> list[schemas.KeyOut]:
+        return await self.admin_read(caller, lambda session: [
+            key_out(k) for k in store.list_api_keys(session, include_revoked=revoked)])
+
+    async def revoke_key(self, caller: data.Caller, prefix: str) -> schemas.KeyOut:
+        out = await self.admin(caller, "key.revoke", prefix, lambda session: key_out(
+            store.revoke_api_key(session, prefix)))
+        self.keys.clear()  # the revoked key stops working on this replica now, elsewhere within auth_cache_s
         return out
 
     # ------------------------------------------------------------------------------------------ health

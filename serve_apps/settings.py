@@ -3,8 +3,8 @@
 Every field has an environment variable: DATABASE_URL, or RP_ and the field's name in capitals
 (`max_responses` → RP_MAX_RESPONSES). The `LIVE` fields can also be changed while the service
 runs, through the deployments' `user_config` in `config.yaml` (`reconfigure()`), without restarting replicas;
-a value in `user_config` wins over the environment. DATABASE_URL is a secret: it is held as a `SecretStr`, so
-it never appears in a repr or a log line, and a placeholder password is refused.
+a value in `user_config` wins over the environment. DATABASE_URL and REWARDPRISM_ADMIN_KEY are secrets: held as
+`SecretStr`, they never appear in a repr or a log line, and placeholders are refused.
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     database_url: SecretStr = SecretStr(DEFAULT_URL)
+    # A bootstrap admin key (REWARDPRISM_ADMIN_KEY, from a Kubernetes Secret): admin calls work before any key
+    # exists in the store, e.g. to create the first ones. Unset: only the store's keys.
+    admin_key: SecretStr | None = None
     head_set: str = Field("default", min_length=1, description="name whose active version is served")
     backbone: str | None = Field(None, description="backbone spec to use instead of the head set's own")
     device: str = "cpu"
@@ -31,7 +34,8 @@ class ServeSettings(BaseModel):
     # set's training embeddings got) and are flagged `truncated`, or are refused with 422 under `reject`.
     max_tokens: int = Field(512, ge=8, le=8192)
     over_length: Literal["truncate", "reject"] = "truncate"
-    token_budget: int | None = Field(None, ge=64, description="padded tokens per forward pass (default: the device's, `rewardprism.embed.default_token_budget`)")
+    token_budget: int | None = Field(None, ge=64, description="padded tokens per forward pass (default: the "
+                                                               "device's, `rewardprism.embed.default_token_budget`)")
     max_batch: int = Field(64, ge=1, description="texts per forward pass")
     batch_max_requests: int = Field(32, ge=1, le=1024, description="requests gathered by one @serve.batch")
     batch_wait_s: float = Field(0.005, ge=0, le=1)
@@ -55,6 +59,13 @@ class ServeSettings(BaseModel):
             raise ValueError("DATABASE_URL holds a placeholder password: set a real one")
         return SecretStr(normalized)
 
+    @field_validator("admin_key")
+    @classmethod
+    def _strong_admin_key(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and (len(key.get_secret_value()) < 32 or key.get_secret_value() in PLACEHOLDER_PASSWORDS):
+            raise ValueError("must be at least 32 characters and not a placeholder (e.g. `openssl rand -hex 32`)")
+        return key
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServeSettings:
         values = {field: env[name] for field, name in ENV.items() if env.get(name)}
@@ -70,7 +81,8 @@ class ServeSettings(BaseModel):
         if fixed:
             raise ValueError(f"user_config may set only {', '.join(sorted(LIVE))}; not {', '.join(fixed)}")
         try:
-            return self.model_validate({**self.model_dump(), "database_url": self.database_url, **user_config})
+            return self.model_validate({**self.model_dump(), "database_url": self.database_url,
+                                        "admin_key": self.admin_key, **user_config})
         except ValidationError as exc:
             raise ValueError(_explain(exc, {f: f"user_config.{f}" for f in LIVE})) from None
 
@@ -83,8 +95,9 @@ class ServeSettings(BaseModel):
 
 
 def env_name(field: str) -> str:
-    """The environment variable of a setting: DATABASE_URL, else RP_ and the field's name in capitals."""
-    return "DATABASE_URL" if field == "database_url" else f"RP_{field.upper()}"
+    """The environment variable of a setting: DATABASE_URL, REWARDPRISM_ADMIN_KEY, else RP_ and the field's
+    name in capitals."""
+    return {"database_url": "DATABASE_URL", "admin_key": "REWARDPRISM_ADMIN_KEY"}.get(field, f"RP_{field.upper()}")
 
 
 ENV = {field: env_name(field) for field in ServeSettings.model_fields}

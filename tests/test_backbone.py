@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rewardprism.backbone import load_backbone, pool
 from rewardprism.embed import EmbeddingExtractor
 

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-
-from rewardprism.data import (DataError, PreferencePair, load_pairs, render, save_pairs, split_by_prompt)
+from rewardprism.data import DataError, PreferencePair, load_pairs, render, save_pairs, split_by_prompt
 from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, SyntheticGenerator, rating_matrix
 
 

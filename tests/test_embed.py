@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from rewardprism.backbone import load_backbone
 from rewardprism.cli import app
 from rewardprism.data import render
 from rewardprism.embed import EmbeddingSet, embed_pairs, token_budget_batches
 from rewardprism.synthetic import SyntheticGenerator
+from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
@@ -95,5 +94,6 @@ def test_cli_embed_reports_and_names_bad_input(tmp_path):
     assert summary["pairs"] == 12 and set(summary["groups"]) == {"majority", "concise", "playful", "cautious"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": 1}\n')
-    result = runner.invoke(app, ["embed", "--backbone", "tiny-llama", "--dataset", str(bad), "--out", str(tmp_path / "b")])
+    result = runner.invoke(app, ["embed", "--backbone", "tiny-llama", "--dataset", str(bad),
+                                 "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "row 0, field 'rejected'" in result.output

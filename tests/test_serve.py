@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import secrets
 import socket
 import threading
 import time
@@ -31,7 +32,9 @@ from rewardprism.store.migrate import upgrade
 from serve_apps import local
 
 MAX_TOKENS = 48
-ENV = {"RP_MAX_TOKENS": str(MAX_TOKENS), "RP_HEAD_SET_POLL_S": "0.5", "RP_DB_TIMEOUT_S": "2"}  # settings.py
+BOOTSTRAP_KEY = secrets.token_hex(32)  # REWARDPRISM_ADMIN_KEY of the test service
+ENV = {"RP_MAX_TOKENS": str(MAX_TOKENS), "RP_HEAD_SET_POLL_S": "0.5", "RP_DB_TIMEOUT_S": "2",  # settings.py
+       "REWARDPRISM_ADMIN_KEY": BOOTSTRAP_KEY}
 LIVE = {"max_responses": 16, "max_request_bytes": 65536}  # the Ingress user_config on top of config.yaml's
 FUZZ_EXAMPLES = int(os.environ.get("RP_FUZZ_EXAMPLES", "80"))  # per generation mode, over all operations
 
@@ -219,6 +222,11 @@ def test_settings_from_env_name_the_variable_and_hide_the_url():
         ServeSettings.from_env({"DATABASE_URL": "postgresql://rp:changethis@db/rp"})
     with pytest.raises(ValueError, match="device"):
         settings.live({"device": "cuda"})
+    for weak in ("changeme", "short-key"):
+        with pytest.raises(ValueError, match="REWARDPRISM_ADMIN_KEY: .*at least 32 characters"):
+            ServeSettings.from_env({"REWARDPRISM_ADMIN_KEY": weak})
+    strong = ServeSettings.from_env({"REWARDPRISM_ADMIN_KEY": "k" * 40})
+    assert "k" * 40 not in repr(strong) and strong.live({"auth_cache_s": 1}).admin_key == strong.admin_key
     assert settings.live({"unknown_user": "404"}).unknown_user == "404"
 
 
@@ -336,6 +344,37 @@ def test_api_keys_scopes_and_user_binding(service):
         assert http.get("/admin/users/alice").status_code == 403
     with service.client(keys.client) as http:
         assert http.post("/admin/users", json={"external_id": "mallory"}).status_code == 403
+
+
+def test_bootstrap_admin_key_creates_lists_and_revokes_keys(service, db):
+    """REWARDPRISM_ADMIN_KEY works for admin calls (e.g. the first keys) and is audited; a near miss is 401."""
+    with service.client(BOOTSTRAP_KEY) as http:
+        created = http.post("/admin/users", json={"external_id": "bootstrapped"})
+        assert created.status_code == 201, created.text
+        bound = http.post("/admin/keys", json={"scopes": ["score"], "user_id": "bootstrapped", "name": "app"})
+        assert bound.status_code == 201 and bound.json()["token"].startswith("rp_"), bound.text
+        unused = http.post("/admin/keys", json={"scopes": ["feedback", "score"]}).json()
+        assert http.post("/admin/keys", json={"scopes": ["root"]}).status_code == 422
+        assert http.post("/admin/keys", json={"scopes": ["score"], "user_id": "nobody"}).status_code == 404
+        revoked = http.delete(f"/admin/keys/{unused['prefix']}")
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+        assert http.delete("/admin/keys/00000000").status_code == 404
+        listed = {k["prefix"]: k for k in http.get("/admin/keys").json()}
+        assert bound.json()["prefix"] in listed and unused["prefix"] not in listed
+        assert all("token" not in k for k in listed.values())
+        assert unused["prefix"] in {k["prefix"] for k in http.get("/admin/keys", params={"revoked": True}).json()}
+    with service.client(bound.json()["token"]) as http:
+        score = http.post("/v1/score", json={"prompt": "p", "responses": ["r"]})
+        assert score.status_code == 200 and score.json()["profile"]["user_id"] == "bootstrapped"
+        assert http.get("/admin/keys").status_code == 403
+    with service.client(unused["token"]) as http:  # revoked before any replica saw it
+        assert http.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).status_code == 401
+    with service.client(BOOTSTRAP_KEY[:-1] + ("0" if BOOTSTRAP_KEY[-1] != "0" else "1")) as http:
+        assert http.post("/admin/users", json={"external_id": "intruder"}).status_code == 401
+    with db.connect() as conn:
+        audit = conn.execute(sa.select(store.AuditEntry.action, store.AuditEntry.actor)
+                             .where(store.AuditEntry.target == "bootstrapped")).all()
+    assert sorted(audit) == [("key.create", "key:env:admin"), ("user.create", "key:env:admin")]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

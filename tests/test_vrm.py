@@ -36,7 +36,7 @@ def make_batch(model: RewardModel, n: int = 6) -> dict[str, torch.Tensor]:
     targets = np.array([[[p.attributes[s][a] for a in ATTRIBUTES] for s in ("chosen", "rejected")] for p in pairs],
                        dtype=np.float32)
     rows = {"pair": np.array([json.dumps(p.to_row()) for p in pairs], dtype=object), "targets": targets}
-    return PairCollator(model.backbone, with_prompts=model.is_vrm)(rows)
+    return PairCollator(model.backbone, model.is_vrm, model.config.prompt_max_length)(rows)
 
 
 # ----------------------------------------------------------------------------------------------- loss terms

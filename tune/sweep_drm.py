@@ -208,7 +208,8 @@ def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) ->
 
 def main(
     config: Annotated[Path, typer.Option(help="sweep file, e.g. tune/drm_alpaca.yaml")],
-    resume: Annotated[bool, typer.Option(help="finish the interrupted sweep named in the file (Tuner.restore)")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="finish the interrupted sweep named in the file (Tuner.restore)")] = False,
 ) -> None:
     """Sweep DRM head counts, adaptation sizes and methods with Ray Tune; write the table, best head set, plots."""
     import ray

@@ -246,7 +246,8 @@ def export_best(row: dict[str, Any], group: list[dict], recipe: dict[str, Any], 
 
 def main(
     config: Annotated[Path, typer.Option(help="sweep file, e.g. tune/vrm_small.yaml")],
-    resume: Annotated[bool, typer.Option(help="finish the interrupted sweep named in the file (Tuner.restore)")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="finish the interrupted sweep named in the file (Tuner.restore)")] = False,
 ) -> None:
     """Sweep VRM hyperparameters with Ray Tune; write the results table, the best model and the plots."""
     import ray

@@ -3,25 +3,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from rewardprism.data import DataError, DatasetSummary
-
-app = typer.Typer(help="RewardPrism: decomposed, personalized reward models.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
-
+from rewardprism.cli_drm import adapt, decompose, evaluate
 from rewardprism.cli_serve import serve as serve_command
 from rewardprism.cli_store import db_app, keys_app, models_app, users_app
+from rewardprism.cli_train import train as train_command
+from rewardprism.data import DataError, DatasetSummary
 
+# Sub-command modules import `fail` from here inside their functions, so these imports are not circular.
+app = typer.Typer(help="RewardPrism: decomposed, personalized reward models.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.command("serve")(serve_command)
-from rewardprism.cli_train import train as train_command
 app.command("train")(train_command)
+app.command()(decompose)
+app.command()(adapt)
+app.command()(evaluate)
 
 
 @app.callback()
@@ -35,8 +37,8 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def load_dataset_arg(dataset: str, *, split: str = "train", fmt: str = "auto", limit: Optional[int] = None,
-                     group: Optional[str] = None, synthetic_per_user: int = 500, seed: int = 0,
+def load_dataset_arg(dataset: str, *, split: str = "train", fmt: str = "auto", limit: int | None = None,
+                     group: str | None = None, synthetic_per_user: int = 500, seed: int = 0,
                      skip_bad_rows: bool = False):
     """`synthetic` means the built-in generator; anything else is a file, folder or hub name."""
     from rewardprism.data import iter_pairs
@@ -57,14 +59,15 @@ def embed(
                                                 "file or a hub name"),
     split: str = typer.Option("train", help="split, for hub datasets"),
     fmt: str = typer.Option("auto", "--format", help="auto, canonical, trl, hh-rlhf, alpaca-eval"),
-    group: Optional[str] = typer.Option(None, help="group for pairs that carry none"),
-    limit: Optional[int] = typer.Option(None, min=1, help="embed only the first N pairs"),
+    group: str | None = typer.Option(None, help="group for pairs that carry none"),
+    limit: int | None = typer.Option(None, min=1, help="embed only the first N pairs"),
     skip_bad_rows: bool = typer.Option(False, help="log and leave out malformed rows instead of stopping"),
     max_length: int = typer.Option(512, min=8, help="tokens per text; longer texts are truncated"),
-    token_budget: Optional[int] = typer.Option(None, min=1, help="padded tokens per forward batch (default: 2048 on CPU, 65536 on CUDA)"),
+    token_budget: int | None = typer.Option(None, min=1, help="padded tokens per forward batch "
+                                                              "(default: 2048 on CPU, 65536 on CUDA)"),
     max_batch: int = typer.Option(64, min=1, help="texts per forward batch, at most"),
     shard_size: int = typer.Option(4096, min=1, help="pairs per shard on disk"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     ray: bool = typer.Option(False, "--ray", help="run on the Ray cluster (Ray Data, an actor pool)"),
     num_actors: int = typer.Option(2, min=1, help="actors, with --ray"),
     synthetic_per_user: int = typer.Option(500, min=1, help="pairs per simulated user, for 'synthetic'"),
@@ -99,12 +102,6 @@ def embed(
                            "tokens_per_s": round(report.tokens_per_s, 1), "shards_written": report.shards_written,
                            "shards_reused": report.shards_reused}, indent=1))
 
-
-from rewardprism.cli_drm import adapt, decompose, evaluate  # noqa: E402  (registered after `fail` exists)
-
-app.command()(decompose)
-app.command()(adapt)
-app.command()(evaluate)
 
 if __name__ == "__main__":
     app()

@@ -14,7 +14,8 @@ CONFIG = ROOT / "serve_apps" / "config.yaml"
 
 def serve(
     config: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="a Ray Serve config file")] = CONFIG,
-    database_url: Annotated[str | None, typer.Option(help="instead of DATABASE_URL (default: SQLite file here)")] = None,
+    database_url: Annotated[str | None,
+                            typer.Option(help="instead of DATABASE_URL (default: SQLite file here)")] = None,
     head_set: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
                                                   help="register this saved head set and make it active first")] = None,
     migrate: Annotated[bool, typer.Option(help="upgrade the database schema to head first")] = True,

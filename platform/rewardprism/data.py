@@ -13,9 +13,10 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class PreferencePair:
         return asdict(self)
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], *, source: str = "<rows>", index: int = 0) -> "PreferencePair":
+    def from_row(cls, row: dict[str, Any], *, source: str = "<rows>", index: int = 0) -> PreferencePair:
         """Validate one canonical row (as written by `to_row` / `save_pairs`)."""
         allowed = {f for f in cls.__dataclass_fields__}
         unknown = set(row) - allowed
@@ -406,7 +407,7 @@ class DatasetSummary:
     annotators: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, pairs: Sequence[PreferencePair]) -> "DatasetSummary":
+    def of(cls, pairs: Sequence[PreferencePair]) -> DatasetSummary:
         from collections import Counter
 
         return cls(len(pairs), len({p.prompt_key for p in pairs}),

@@ -67,7 +67,7 @@ def build_head_set(workdir: Path, backbone: str, generator: SyntheticGenerator) 
 def start_store(workdir: Path, heads_path: Path) -> tuple[str, str]:
     """Migrate a SQLite database, register and activate the head set, create an admin key."""
     from rewardprism.heads import HeadSet
-    from rewardprism.store import (StoreSettings, create_api_key, make_engine, make_sessions, register_head_set)
+    from rewardprism.store import StoreSettings, create_api_key, make_engine, make_sessions, register_head_set
     from rewardprism.store.migrate import upgrade
 
     url = f"sqlite:///{(workdir / 'rewardprism.db').resolve()}"

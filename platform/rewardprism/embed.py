@@ -17,9 +17,9 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -60,13 +60,14 @@ class EmbeddingExtractor:
         self.backbone, self.max_batch = backbone, max_batch
         self.token_budget = token_budget or default_token_budget(backbone.device)
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.backbone.tokenizer(texts, truncation=True, max_length=self.backbone.max_length,
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids, cut at `max_length` (default: the backbone's) on the tokenizer's truncation side."""
+        return self.backbone.tokenizer(texts, truncation=True, max_length=max_length or self.backbone.max_length,
                                        padding=False, return_attention_mask=False)["input_ids"]
 
-    def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
+    def embed_texts(self, texts: list[str], max_length: int | None = None) -> tuple[np.ndarray, int]:
         """(len(texts), d) float32 features in input order, and the number of real tokens read."""
-        ids = self.tokenize(texts)
+        ids = self.tokenize(texts, max_length)
         return self.embed_ids(ids), sum(map(len, ids))
 
     @torch.inference_mode()
@@ -225,7 +226,7 @@ class _PairsAppender:
         for pair in pairs:
             self.file.write(json.dumps(pair.to_row()) + "\n")
 
-    def __enter__(self) -> "_PairsAppender":
+    def __enter__(self) -> _PairsAppender:
         return self
 
     def __exit__(self, *exc) -> None:

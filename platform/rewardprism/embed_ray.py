@@ -6,14 +6,14 @@ local run's (and either can resume the other's).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from rewardprism.backbone import load_backbone
 from rewardprism.data import PreferencePair
-from rewardprism.embed import EmbedReport, EmbeddingExtractor, ShardWriter, chunked, write_embeddings
+from rewardprism.embed import EmbeddingExtractor, EmbedReport, ShardWriter, chunked, write_embeddings
 
 
 class ShardEmbedder:

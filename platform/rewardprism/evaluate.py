@@ -132,9 +132,8 @@ def evaluate_adaptation(test: ScoredPairs, n: int, *, method: Method, prior: np.
             kept = np.stack([~np.isin(members, picked) for picked in chosen_idx], axis=1)  # (N_g, S)
             honest_correct.append((hits & kept).sum(0))
             honest_total.append(kept.sum(0))
-    as_array = (lambda parts: np.array(parts) if same else None)
     return AdaptationResult(label or method, list(picks), np.array(correct), np.array(total),
-                            as_array(honest_correct), as_array(honest_total))
+                            np.array(honest_correct) if same else None, np.array(honest_total) if same else None)
 
 
 def fixed_profile(test: ScoredPairs, weights: np.ndarray, label: str, per_group: bool = False) -> AdaptationResult:

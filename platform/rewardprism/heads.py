@@ -94,7 +94,7 @@ class HeadSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadSet":
+    def load(cls, path: str | Path) -> HeadSet:
         path = Path(path)
         if not (path / META).exists():
             raise FileNotFoundError(f"{path} is not a head set folder (no {META})")

@@ -270,8 +270,8 @@ def prepare_data(config: RecipeConfig) -> PreparedData:
 def rating_targets(pairs: list[PreferencePair], names: list[str], source: str) -> np.ndarray:
     """(N, 2, K) attribute ratings of the chosen and rejected responses, read by objective name."""
     if not names:
-        raise ConfigError("model.objective_names", "supervision: ratings needs the K rating attributes to "
-                                                   "supervise, e.g. [length, formality, lists, hedging, humour, refusal]")
+        raise ConfigError("model.objective_names", "supervision: ratings needs the K rating attributes to supervise, "
+                                                   "e.g. [length, formality, lists, hedging, humour, refusal]")
     out = np.empty((len(pairs), 2, len(names)), dtype=np.float32)
     for i, pair in enumerate(pairs):
         for s, side in enumerate(("chosen", "rejected")):
@@ -356,8 +356,9 @@ def ray_dataset(pairs: list[PreferencePair], targets: np.ndarray | None):
 class PairCollator:
     """A batch of Ray Data rows → the padded tensors `RewardModel.forward` takes, on the backbone's device."""
 
-    def __init__(self, backbone: Backbone, with_prompts: bool):
-        self.extractor, self.with_prompts = EmbeddingExtractor(backbone), with_prompts
+    def __init__(self, backbone: Backbone, with_prompts: bool, prompt_max_length: int | None = None):
+        self.extractor, self.with_prompts, self.prompt_max_length = EmbeddingExtractor(backbone), with_prompts, \
+            prompt_max_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         pairs = [PreferencePair.from_row(json.loads(row)) for row in batch["pair"]]
@@ -368,7 +369,7 @@ class PairCollator:
         out = {"input_ids": input_ids, "attention_mask": attention_mask,
                "weight": torch.tensor([p.weight for p in pairs], device=device)}
         if self.with_prompts:
-            prompts = self.extractor.tokenize([render_prompt(p.prompt, tok) for p in pairs])
+            prompts = self.extractor.tokenize([render_prompt(p.prompt, tok) for p in pairs], self.prompt_max_length)
             out["prompt_ids"], out["prompt_mask"] = self.extractor.pad(prompts)  # (B, Tp)
         if "targets" in batch:
             targets = torch.as_tensor(np.stack(batch["targets"]), device=device)  # (B, 2, K)
@@ -440,7 +441,7 @@ class TrainingWorker:
             model=model, model_parameters=[g for g in groups if g["params"]],
             config=deepspeed_config(cfg.train, world_size=self.world, cuda=cuda),
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-        self.collate = PairCollator(backbone, with_prompts=model.is_vrm)
+        self.collate = PairCollator(backbone, model.is_vrm, model.config.prompt_max_length)
         self.step, self.resumed_from = 0, None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -634,7 +635,8 @@ def score_pairs(model: RewardModel, pairs: list[PreferencePair]) -> PairScores:
         return model.objective_scores(torch.from_numpy(features).to(device)).float().cpu().numpy()
 
     if model.is_vrm:
-        prompts, _ = extractor.embed_texts([render_prompt(p.prompt, model.backbone.tokenizer) for p in pairs])
+        prompts, _ = extractor.embed_texts([render_prompt(p.prompt, model.backbone.tokenizer) for p in pairs],
+                                           model.config.prompt_max_length)
         weights = model.expected_weights(torch.from_numpy(prompts).to(device)).float().cpu().numpy()
     else:
         weights = np.ones((len(pairs), 1), dtype=np.float32)

@@ -56,6 +56,9 @@ class RewardModelConfig:
     kind: Literal["vrm", "bt"] = "vrm"
     backbone: str = "minilm"  # a `load_backbone` spec: where the weights came from
     max_length: int = 512  # tokens per text; longer texts lose their beginning (the response is kept)
+    # Tokens of the prompt alone that q(w | x) reads, the end kept (the latest turn): the weights follow what is
+    # asked now, and a long multi-turn history would cost a third of a training step for the weight head alone.
+    prompt_max_length: int = 64
     num_objectives: int = 4  # K
     objective_names: list[str] = field(default_factory=list)  # K names; empty: objective_0 ...
     latent_dim: int = 16  # D
@@ -73,7 +76,7 @@ class RewardModelConfig:
             raise ConfigError("kind", f"must be 'vrm' or 'bt', got {self.kind!r}")
         if self.sup_loss not in ("mse", "ce"):
             raise ConfigError("sup_loss", f"must be 'mse' or 'ce', got {self.sup_loss!r}")
-        for name in ("max_length", "num_objectives", "latent_dim"):
+        for name in ("max_length", "prompt_max_length", "num_objectives", "latent_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be a positive integer, got {getattr(self, name)}")
         for name in ("alpha0", "alpha_eps"):
