@@ -32,7 +32,7 @@ from rewardprism.data import PreferencePair, load_pairs, render
 INDEX = "index.json"
 PAIRS = "pairs.jsonl.gz"
 # Padded tokens per forward batch when none is given. On CPU, batches that stay in cache are fastest: 2,048
-# tokens ran MiniLM 1.35× and SmolLM2 2× faster than 16,384 here (bench/bench_embed.py). A GPU wants big batches.
+# tokens ran MiniLM 1.3× and SmolLM2 1.75× faster than 16,384 here (bench/bench_embed.py). A GPU wants big batches.
 CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET = 2048, 65536
 
 

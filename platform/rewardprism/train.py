@@ -357,8 +357,8 @@ class PairCollator:
     """A batch of Ray Data rows → the padded tensors `RewardModel.forward` takes, on the backbone's device."""
 
     def __init__(self, backbone: Backbone, with_prompts: bool, prompt_max_length: int | None = None):
-        self.extractor, self.with_prompts, self.prompt_max_length = EmbeddingExtractor(backbone), with_prompts, \
-            prompt_max_length
+        self.extractor, self.with_prompts = EmbeddingExtractor(backbone), with_prompts
+        self.prompt_max_length = prompt_max_length  # tokens of the prompt alone, for q(w | x)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         pairs = [PreferencePair.from_row(json.loads(row)) for row in batch["pair"]]
