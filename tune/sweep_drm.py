@@ -19,7 +19,6 @@ trial takes about a second.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from report import render_report
 from rewardprism.data import DataError, groups_of
 from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
 from rewardprism.embed import EmbeddingSet
@@ -37,8 +35,10 @@ from rewardprism.train import from_dict
 from rewardprism.vrm import ConfigError
 from sweeps import (
     BEST_DIR,
+    Resume,
     RunSettings,
     connect_ray,
+    finish,
     fit_or_restore,
     max_concurrent_trials,
     read_sweep_file,
@@ -208,8 +208,7 @@ def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) ->
 
 def main(
     config: Annotated[Path, typer.Option(help="sweep file, e.g. tune/drm_alpaca.yaml")],
-    resume: Annotated[bool, typer.Option(
-        help="finish the interrupted sweep named in the file (Tuner.restore)")] = False,
+    resume: Resume = False,
 ) -> None:
     """Sweep DRM head counts, adaptation sizes and methods with Ray Tune; write the table, best head set, plots."""
     import ray
@@ -236,9 +235,7 @@ def main(
                         f"python tune/sweep_drm.py --config {config} --resume")
     rows = write_results(grid, "drm", {"config": asdict(sweep), "metric": METRIC, "adapted": ADAPTED})
     summary = export_best(rows, data, sweep)
-    plots = render_report(sweep.run.experiment_dir)
-    typer.echo(json.dumps({"experiment": str(sweep.run.experiment_dir), "best": summary,
-                           "plots": [str(p) for p in plots]}, indent=1, default=str))
+    finish(sweep.run, summary)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ accuracy over seeds) with its exported model and head set, and the plots of `rep
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,14 +23,15 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from report import render_report
 from rewardprism.data import DataError
 from rewardprism.train import EXPORT_DIR, RecipeConfig, from_dict, load_config, prepare_data, steps_per_epoch
 from rewardprism.vrm import ConfigError
 from sweeps import (
     BEST_DIR,
+    Resume,
     RunSettings,
     connect_ray,
+    finish,
     fit_or_restore,
     max_concurrent_trials,
     read_sweep_file,
@@ -246,8 +246,7 @@ def export_best(row: dict[str, Any], group: list[dict], recipe: dict[str, Any], 
 
 def main(
     config: Annotated[Path, typer.Option(help="sweep file, e.g. tune/vrm_small.yaml")],
-    resume: Annotated[bool, typer.Option(
-        help="finish the interrupted sweep named in the file (Tuner.restore)")] = False,
+    resume: Resume = False,
 ) -> None:
     """Sweep VRM hyperparameters with Ray Tune; write the results table, the best model and the plots."""
     import ray
@@ -296,9 +295,7 @@ def main(
     rows = write_results(grid, "vrm", {"config": asdict(sweep), "space": space_spec, "points": points,
                                        "keys": keys, "metric": METRIC, "max_t": max_t})
     summary = export_best(*best_trial(rows, keys, max_t), recipe, keys, sweep.run)
-    plots = render_report(sweep.run.experiment_dir)
-    typer.echo(json.dumps({"experiment": str(sweep.run.experiment_dir), "best": summary,
-                           "plots": [str(p) for p in plots]}, indent=1, default=str))
+    finish(sweep.run, summary)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import typer
 import yaml
 from rewardprism.heads import HeadSet
 from rewardprism.vrm import ConfigError
@@ -25,6 +26,9 @@ RESULTS_JSON = "results.json"  # the same rows, for `report.py` and scripts
 SWEEP_JSON = "sweep.json"  # what ran: the kind of sweep and its settings
 BEST_DIR = "best"  # the best configuration, its head set and a summary
 PLOTS_DIR = "plots"  # report.py's PNGs
+
+# The scripts' --resume flag
+Resume = Annotated[bool, typer.Option(help="finish the interrupted sweep named in the file (Tuner.restore)")]
 
 
 @dataclass
@@ -163,3 +167,12 @@ def write_best(folder: Path, summary: dict[str, Any], config: dict[str, Any], he
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else str(value)
+
+
+def finish(run: RunSettings, summary: dict[str, Any]) -> None:
+    """The scripts' last step: render the sweep's plots, print where the results and the best configuration are."""
+    from report import render_report  # report.py imports this module
+
+    plots = render_report(run.experiment_dir)
+    typer.echo(json.dumps({"experiment": str(run.experiment_dir), "best": summary,
+                           "plots": [str(p) for p in plots]}, indent=1, default=str))
