@@ -147,7 +147,7 @@ class DrmRecipe:
         from rewardprism.drm import build_head_set, fit_population_head
         from rewardprism.drm_ray import decompose_folder
         from rewardprism.embed import EmbeddingSet
-        from rewardprism.evaluate import Split, drm_report
+        from rewardprism.evaluate import Split, calibrate_hyperprior, drm_report
 
         c = self.config
         self.embed()
@@ -158,6 +158,8 @@ class DrmRecipe:
             if c.population_head else None
         self.heads = build_head_set(decomposition, population, backbone=data_set.backbone,
                                     dataset=f"{c.dataset} [train split]")
+        calibrate_hyperprior(self.heads, data.chosen[data.train], data.rejected[data.train],
+                             [data.pairs[i] for i in data.train])
         adapt_from = None
         if c.adapt_from is not None:
             other = EmbeddingSet(c.adapt_from)

@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # bench/ is not a package
+from rewardprism.adapt import STRENGTHS
 
 SHARD = 4096
 K = 50
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
                    f"timed on {loop_users:,} users), CPU time:"), "", "| | per user | all users |", "|---|---|---|",
               f"| HyRe, one vectorized call | {h['vectorized'] * 1e6:.1f} µs | {h['vectorized'] * args.users:.2f} s |",
               f"| HyRe, a Python loop over users | {h['loop'] * 1e6:.1f} µs | {h['loop'] * args.users:.2f} s |",
-              (f"| default (hierarchical BT, 9 strengths), one call | {h['default'] * 1e6:.1f} µs | "
+              (f"| default (hierarchical BT, {len(STRENGTHS)} strengths), one call | {h['default'] * 1e6:.1f} µs | "
                f"{h['default'] * args.users:.2f} s |"), "",
               f"HyRe vectorized is {h['loop'] / h['vectorized']:.0f}× the loop."]
     print("\n".join(lines[-8:]))

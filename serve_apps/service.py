@@ -465,7 +465,7 @@ class ScoringService:
             warm = current is not None and current.head_set_id == served.row_id and method == "bt"
             opts = {"init": np.asarray(current.weights)} if warm else {}
             weights, bias = adapt_profile(scores[:, 0], scores[:, 1], served.heads.default_weights, method=method,
-                                          **opts)
+                                          center=served.heads.hyperprior_center, **opts)
             profile = Profile(np.asarray(weights, dtype=np.float64), float(bias), served.heads.content_hash)
             if profile.problem(served.heads) is not None:
                 raise ValueError(f"adaptation ({method}) gave unusable weights for user {user!r}")

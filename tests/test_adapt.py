@@ -39,6 +39,19 @@ def test_hyre_matches_the_reference_steps(temperature, monkeypatch):
         np.testing.assert_allclose(probe @ weights[u] + bias[u], ((probe - m) / sd) @ w, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 40, 2000])
+def test_hyre_long_histories_with_extreme_margins_stay_exact(n):
+    """The loss is a log of products over pairs: thousands of pairs that every head gets wrong by a wide margin
+    must not overflow it (a product over all 2,000 pairs would make every loss inf and the weights NaN)."""
+    chosen, rejected = random_users(1, n, 4, seed=5)
+    rejected += 1e3 * np.arange(1, 5)  # rejected far above chosen on every head, by a different amount
+    chosen[..., 0] *= 1e6  # and on head 0 a wide spread
+    weights, _ = hyre(chosen, rejected)
+    w, _, sd = hyre_reference(chosen[0], rejected[0])
+    assert np.isfinite(weights).all()
+    np.testing.assert_allclose(weights[0] * sd, w, rtol=1e-10, atol=1e-300)
+
+
 def test_hyre_structured_input_puts_the_weight_on_the_agreeing_head():
     rng = np.random.RandomState(2)
     chosen, rejected = rng.randn(1, 30, 6), rng.randn(1, 30, 6)

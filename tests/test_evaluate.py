@@ -16,6 +16,7 @@ from rewardprism.evaluate import (
     REWARDBENCH_COUNTS,
     ScoredPairs,
     Split,
+    calibrate_hyperprior,
     evaluate_adaptation,
     random_heads,
     rewardbench_scores,
@@ -129,6 +130,32 @@ def test_synthetic_heads_span_the_planted_directions_and_adaptation_nears_the_ce
     assert min(lost["principal_angle_cosines"]) < 0.9
 
 
+def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_agree():
+    """Synthetic users weigh the attributes differently: the population head fits none of them well, and held-out
+    users are scored best by moving far from it. Relabelled by one shared direction, everyone agrees with it."""
+    differ = linear_synthetic(per_user=120)
+    rng = np.random.RandomState(1)
+    margin = (differ.chosen - differ.rejected) @ rng.randn(differ.chosen.shape[1])
+    flip = (rng.rand(len(margin)) > 1 / (1 + np.exp(-margin)))[:, None]  # Bradley-Terry labels, one for all
+    agree = Split(np.where(flip, differ.rejected, differ.chosen), np.where(flip, differ.chosen, differ.rejected),
+                  differ.pairs, differ.train, differ.test)
+    centers = {}
+    for name, data in (("differ", differ), ("agree", agree)):
+        chosen, rejected = data.chosen[data.train], data.rejected[data.train]
+        heads = build_head_set(PreferenceDecomposition(6).fit(chosen, rejected), fit_population_head(chosen, rejected),
+                               backbone="linear")
+        assert heads.hyperprior_center is None
+        calibrate_hyperprior(heads, chosen, rejected, [data.pairs[i] for i in data.train], seeds=range(10))
+        calibration = heads.info["hyperprior_calibration"]
+        assert calibration["n_values"] == [5, 15] and len(calibration["accuracy"]) == 11
+        assert calibration["accuracy"][f"{heads.hyperprior_center:g}"] == max(calibration["accuracy"].values())
+        centers[name] = heads.hyperprior_center
+    assert centers["differ"] <= 10 and centers["agree"] >= 1000
+    tiny = linear_synthetic(per_user=8)  # no group has 2n pairs to draw pseudo-users from: left uncalibrated
+    heads = build_head_set(PreferenceDecomposition(3).fit(tiny.chosen, tiny.rejected), None, backbone="linear")
+    assert calibrate_hyperprior(heads, tiny.chosen, tiny.rejected, tiny.pairs).hyperprior_center is None
+
+
 def _as_decomposition(components: np.ndarray, like: PreferenceDecomposition) -> PreferenceDecomposition:
     """A decomposition whose components are replaced (random baseline heads in the DRM layout)."""
     other = PreferenceDecomposition(len(components)).fit_moments(like.moments_)
@@ -151,7 +178,7 @@ def test_cli_decompose_adapt_evaluate(tmp_path):
     out = runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "heads"),
                               "--components", "6"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["heads"] == 13
+    assert json.loads(out.output)["heads"] == 13 and json.loads(out.output)["hyperprior_center"] > 0
     out = runner.invoke(app, ["adapt", "--heads", str(tmp_path / "heads"), "--embeddings", str(tmp_path / "emb"),
                               "--group", "concise", "--limit", "10", "--out", str(tmp_path / "profile.json")])
     assert out.exit_code == 0, out.output
@@ -162,6 +189,7 @@ def test_cli_decompose_adapt_evaluate(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert {row["label"] for row in report["rows"]} >= {"HyRe n=5", "default (hierarchical BT) n=5"}
     assert "Synthetic users" in (tmp_path / "report.md").read_text()
+    assert report["hyperprior"]["calibrated"] and "calibrated on the training pairs" in out.output
     # clear one-line errors that name the option
     out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", str(tmp_path / "heads"),
                               "--n", "500"])

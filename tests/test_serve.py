@@ -100,6 +100,7 @@ def service(ray_cluster, admin_engine, postgres_url, tmp_path_factory) -> Servic
     url = sa.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     upgrade(url)
     heads = random_head_set(load_backbone("tiny-bert", device="cpu").dim, 8, "1", seed=0)
+    heads.info["hyperprior_center"] = 3.0  # as `calibrate_hyperprior` leaves it: feedback must adapt with it
     heads_dir = heads.save(tmp_path_factory.mktemp("heads") / "v1")
     engine = store.make_engine(store.StoreSettings.from_env(url))
     with store.make_sessions(engine).begin() as session:
@@ -287,11 +288,13 @@ def test_feedback_readapts_from_all_pairs_and_the_next_score_uses_it(service, ba
     assert two["stored"] == 2 and stored["n_pairs"] == 5 and stored["version"] == 2
     assert after["profile"] == {"user_id": user, "version": 2, "source": "user", "reason": None, "stale": False}
 
-    pairs = first + second  # re-adapted from all five pairs, with the head set's default weights as the prior
+    pairs = first + second  # re-adapted from all five pairs, from the head set's default weights and hyperprior
     chosen = np.concatenate([expected_head_scores(backbone, heads, p["prompt"], [p["chosen"]]) for p in pairs])
     rejected = np.concatenate([expected_head_scores(backbone, heads, p["prompt"], [p["rejected"]]) for p in pairs])
-    weights, bias = adapt_profile(chosen, rejected, heads.default_weights, method="default")
+    weights, bias = adapt_profile(chosen, rejected, heads.default_weights, method="default", center=3.0)
     np.testing.assert_allclose(stored["weights"], weights, atol=1e-4)
+    uncalibrated, _ = adapt_profile(chosen, rejected, heads.default_weights, method="default")
+    assert np.abs(uncalibrated - weights).max() > 1e-2  # the head set's centre made a difference
     assert abs(stored["bias"] - bias) < 1e-4
     expected = expected_head_scores(backbone, heads, "hi", ["a", "b"]) @ weights + bias
     np.testing.assert_allclose([s["score"] for s in after["scores"]], expected, atol=1e-3)

@@ -9,8 +9,9 @@ Batched functions adapt many users at once, padded to the longest user: (U, n, H
   loss_h = Σᵢ −log σ(z_chosen,i − z_rejected,i), weights = softmax(−loss / T).
 - `bt`: Bradley-Terry weights with a Gaussian prior centred on the population profile (MAP), one strength.
 - `default` (`hierarchical_bt`): the MAP-BT profiles for a ladder of prior strengths, averaged with each
-  strength's posterior probability: its Laplace evidence for the user's labels times a hyperprior centred near
-  the strength at which the evidence summed over many users peaks (`prior_strength_evidence`).
+  strength's posterior probability: its Laplace evidence for the user's labels times a log-normal hyperprior.
+  The hyperprior's centre belongs to the head set (`HeadSet.hyperprior_center`): the strength at which users
+  drawn from held-out training prompts were scored best (`evaluate.calibrate_hyperprior`).
 
 Why not HyRe as the default: it starts from a uniform belief over heads and, with few labels, hands the weight
 to whichever head fits them, which can fall below the population head. A prior centred on the population
@@ -31,52 +32,55 @@ import torch
 Method = Literal["default", "hyre", "bt"]
 Profiles = tuple[np.ndarray, np.ndarray]  # weights (U, H), bias (U,)
 METHODS = ("default", "hyre", "bt")
-# Prior precision / the user's mean squared score gap: the centre of `hierarchical_bt`'s hyperprior. The evidence
-# summed over users peaks between 30 and 1000 on the AlpacaEval judges (every `rewardprism evaluate` report
-# prints it; docs/drm.md), and users far from the population (the synthetic ones) need the weak end: 50 serves
-# both, one decade either way.
+# Prior precision / the user's mean squared score gap: the centre of `hierarchical_bt`'s hyperprior for a head set
+# that carries no calibrated one (`HeadSet.hyperprior_center`, chosen by `evaluate.calibrate_hyperprior` when the
+# head set is built: 1,000 to 100,000 on the data in docs/drm.md, where users mostly agree with the population).
 DEFAULT_STRENGTH = 50.0
-STRENGTHS = np.logspace(-1, 3, 9)  # the ladder `hierarchical_bt` averages over
+STRENGTHS = np.logspace(-1, 6, 15)  # the ladder `hierarchical_bt` averages over
 
 
 def adapt_profile(chosen_scores: np.ndarray, rejected_scores: np.ndarray, prior_weights: np.ndarray | None,
-                  method: Method = "default", **opts) -> tuple[np.ndarray, float]:
+                  method: Method = "default", *, center: float | None = None, **opts) -> tuple[np.ndarray, float]:
     """One user's profile from their n labelled pairs: (n, H) scores → weights (H,), bias.
 
-    `prior_weights` is the population profile (the head set's `default_weights`); HyRe ignores it. `opts` go to
-    the method (`temperature` for hyre; `strength`, `l2`, `init` for bt; `center`, `spread` for default).
+    `prior_weights` is the population profile (the head set's `default_weights`); HyRe ignores it. `center` is the
+    head set's `hyperprior_center` (None: `DEFAULT_STRENGTH`); only the default method uses it. `opts` go to the
+    method (`temperature` for hyre; `strength`, `l2`, `init` for bt; `spread`, `strengths` for default).
     """
     chosen_scores, rejected_scores = np.asarray(chosen_scores), np.asarray(rejected_scores)
     if chosen_scores.ndim != 2:
         raise ValueError(f"chosen_scores must be (pairs, heads), got {chosen_scores.shape}")
     weights, bias = adapt_users(chosen_scores[None], np.asarray(rejected_scores)[None], prior_weights,
-                                method=method, **opts)
+                                method=method, center=center, **opts)
     return weights[0], float(bias[0])
 
 
 def adapt_users(chosen_scores: np.ndarray, rejected_scores: np.ndarray, prior_weights: np.ndarray | None = None,
-                mask: np.ndarray | None = None, *, method: Method = "default", **opts) -> Profiles:
+                mask: np.ndarray | None = None, *, method: Method = "default", center: float | None = None,
+                **opts) -> Profiles:
     """Profiles of U users at once from padded (U, n, H) scores and a (U, n) mask (True = a real pair).
 
-    `prior_weights` is (H,) for everyone or (U, H) per user. Returns weights (U, H) and bias (U,).
+    `prior_weights` is (H,) for everyone or (U, H) per user; `center` as in `adapt_profile`. Returns weights
+    (U, H) and bias (U,).
     """
     if method == "hyre":
         return hyre(chosen_scores, rejected_scores, mask, **opts)
     if method == "bt":
         return bt(chosen_scores, rejected_scores, mask, prior=prior_weights, **opts)
     if method == "default":
-        return hierarchical_bt(chosen_scores, rejected_scores, mask, prior=prior_weights, **opts)
+        return hierarchical_bt(chosen_scores, rejected_scores, mask, prior=prior_weights,
+                               center=DEFAULT_STRENGTH if center is None else center, **opts)
     raise ValueError(f"unknown adaptation method {method!r}; use one of {', '.join(METHODS)}")
 
 
-def _as_batch(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None,
-              prior: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validated float64 tensors: chosen, rejected (U, n, H) with padding zeroed, mask (U, n), prior (U, H)."""
+def _validated(chosen: np.ndarray, rejected: np.ndarray,
+               mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float64 chosen, rejected (U, n, H) with padding zeroed, and the mask as float64 (U, n) (None: no padding)."""
     chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
     if chosen.ndim != 3 or chosen.shape != rejected.shape:
         raise ValueError(f"chosen and rejected scores must both be (users, pairs, heads), got {chosen.shape} "
                          f"and {rejected.shape}")
-    users, n, heads = chosen.shape
+    users, n, _ = chosen.shape
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (users, n):
@@ -86,7 +90,15 @@ def _as_batch(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None,
         chosen, rejected = np.where(mask[..., None], chosen, 0.0), np.where(mask[..., None], rejected, 0.0)
     if not (np.isfinite(chosen.sum()) and np.isfinite(rejected.sum())):  # one pass each; NaN/inf propagate
         raise ValueError("head scores hold NaN or inf")
-    weight = torch.ones(users, n, dtype=torch.float64) if mask is None else torch.from_numpy(mask).to(torch.float64)
+    return chosen, rejected, None if mask is None else mask.astype(np.float64)
+
+
+def _as_batch(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None,
+              prior: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_validated` as float64 tensors, the mask all ones without padding, and the prior per user (U, H)."""
+    chosen, rejected, mask = _validated(chosen, rejected, mask)
+    users, n, heads = chosen.shape
+    weight = torch.ones(users, n, dtype=torch.float64) if mask is None else torch.from_numpy(mask)
     return (torch.from_numpy(chosen), torch.from_numpy(rejected), weight,
             _per_user(prior, users, heads, "prior weights"))
 
@@ -101,7 +113,7 @@ def _per_user(weights: np.ndarray | None, users: int, heads: int, name: str) -> 
 
 # ----------------------------------------------------------------------------------------------- HyRe
 
-USER_BLOCK = 64  # users per HyRe block: a block's (users, n, H) arrays stay in cache (64: fastest measured)
+USER_BLOCK = 32  # users per HyRe block: a block's (users, n, H) arrays stay in cache (32: fastest measured)
 
 
 def hyre(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None = None, *,
@@ -114,30 +126,50 @@ def hyre(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None = Non
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    c, r, m, _ = _as_batch(chosen, rejected, mask)
-    padded = mask is not None
-    blocks = [_hyre_block(c[s:s + USER_BLOCK], r[s:s + USER_BLOCK], m[s:s + USER_BLOCK], temperature, padded)
-              for s in range(0, len(c), USER_BLOCK)]
-    return torch.cat([w for w, _ in blocks]).numpy(), torch.cat([b for _, b in blocks]).numpy()
+    c, r, m = _validated(chosen, rejected, mask)
+    blocks = [_hyre_block(c[s:s + USER_BLOCK], r[s:s + USER_BLOCK], None if m is None else m[s:s + USER_BLOCK],
+                          temperature) for s in range(0, len(c), USER_BLOCK)]
+    return np.concatenate([w for w, _ in blocks]), np.concatenate([b for _, b in blocks])
 
 
-def _hyre_block(c: torch.Tensor, r: torch.Tensor, m: torch.Tensor, temperature: float,
-                padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """HyRe for (B, n, H) scores; padded entries are zero and `m` (B, n) marks the real ones."""
-    count = 2 * m.sum(1, keepdim=True)  # (B, 1) pooled scores per user
+def _hyre_block(c: np.ndarray, r: np.ndarray, m: np.ndarray | None,
+                temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """HyRe for (B, n, H) scores; padded entries are zero and `m` (B, n) marks the real ones (None: all).
+
+    loss_h = Σᵢ log(1 + exp(−marginᵢ)) is taken as the log of a product over pairs: one log per head instead of
+    one per pair. Standardized margins are bounded (|z| ≤ (N − 1)/√N for N pooled scores), so a product over
+    `_product_run` pairs stays far from overflow.
+    """
+    n = c.shape[1]
+    count = np.full((len(c), 1), 2.0 * n) if m is None else 2 * m.sum(1, keepdims=True)  # (B, 1)
     mean = (c.sum(1) + r.sum(1)) / count  # (B, H)
     dev_c, dev_r = c - mean[:, None], r - mean[:, None]  # (B, n, H)
-    if padded:
-        dev_c, dev_r = dev_c * m[..., None], dev_r * m[..., None]
-    sd = torch.sqrt((dev_c.square_().sum(1) + dev_r.square_().sum(1)) / (count - 1))  # (B, H) unbiased
-    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-    margin = (c - r).div_(sd[:, None])  # (B, n, H) z_chosen − z_rejected: the mean cancels
-    nll = torch.nn.functional.softplus(margin.neg_())  # −log σ(margin)
-    if padded:
-        nll = nll * m[..., None]
-    w = torch.softmax(nll.sum(1).div_(-temperature), dim=1)  # (B, H) softmax(−loss / T)
+    if m is not None:
+        dev_c *= m[..., None]
+        dev_r *= m[..., None]
+    sd = np.sqrt((np.einsum("bnh,bnh->bh", dev_c, dev_c) + np.einsum("bnh,bnh->bh", dev_r, dev_r))
+                 / (count - 1))  # (B, H) unbiased
+    sd[sd == 0] = 1.0
+    odds = np.subtract(r, c, out=dev_c)  # (B, n, H) reuses dev_c: −(z_chosen − z_rejected); the mean cancels
+    odds /= sd[:, None]
+    np.exp(odds, out=odds)  # odds of the wrong order
+    if m is not None:
+        odds *= m[..., None]
+    odds += 1.0
+    run = _product_run(n)
+    loss = sum(np.log(odds[:, s:s + run].prod(1)) for s in range(0, n, run))  # (B, H) Σᵢ −log σ(marginᵢ)
+    logits = loss / -temperature
+    logits -= logits.max(1, keepdims=True)
+    w = np.exp(logits)
+    w /= w.sum(1, keepdims=True)  # softmax(−loss / T)
     weights = w / sd
     return weights, -(weights * mean).sum(1)
+
+
+def _product_run(n: int) -> int:
+    """Pairs whose factors 1 + exp(−margin) may be multiplied before a log: each is below exp(2 (N − 1)/√N)."""
+    pooled = 2 * n
+    return max(1, int(600 * np.sqrt(pooled) / (2 * (pooled - 1) + 1)))
 
 
 # ----------------------------------------------------------------------------------------------- Bradley-Terry
@@ -248,26 +280,42 @@ def hierarchical_bt(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray |
     A user whose labels agree with the prior has a flat evidence at strong priors and stays near `center`; one
     whose labels contradict it gains tens of nats from a weak prior, which outweighs the hyperprior.
     """
-    if not (center > 0 and spread > 0):
-        raise ValueError(f"center and spread must be positive, got {center}, {spread}")
+    weights = mix_ladder(strength_ladder(chosen, rejected, mask, prior=prior, strengths=strengths), center, spread)
+    return weights, np.zeros(len(weights))
+
+
+def strength_ladder(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None = None, *,
+                    prior: np.ndarray | None = None,
+                    strengths: np.ndarray = STRENGTHS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`hierarchical_bt` before the hyperprior: MAP weights (U, G, H), log evidence (U, G), strengths (G,),
+    strongest first. Mixing it for several centres (`mix_ladder`) costs nothing more."""
     c, r, m, w0 = _as_batch(chosen, rejected, mask, prior)
     weights, evidence = _evidence_ladder(c - r, m, w0, strengths)
-    ladder = np.sort(np.asarray(strengths, dtype=np.float64))[::-1]
-    hyper = torch.from_numpy(-0.5 * ((np.log10(ladder) - np.log10(center)) / spread) ** 2)  # (G,)
-    posterior = torch.softmax(evidence + hyper, dim=1)  # (U, G)
-    return (posterior[..., None] * weights).sum(1).numpy(), np.zeros(len(weights))
+    return weights.numpy(), evidence.numpy(), np.sort(np.asarray(strengths, dtype=np.float64))[::-1]
+
+
+def mix_ladder(ladder: tuple[np.ndarray, np.ndarray, np.ndarray], center: float = DEFAULT_STRENGTH,
+               spread: float = 1.0) -> np.ndarray:
+    """(U, H) weights: the ladder's profiles averaged by evidence × the log-normal hyperprior."""
+    if not (center > 0 and spread > 0):
+        raise ValueError(f"center and spread must be positive, got {center}, {spread}")
+    weights, evidence, strengths = ladder
+    logits = evidence - 0.5 * ((np.log10(strengths) - np.log10(center)) / spread) ** 2  # (U, G)
+    posterior = np.exp(logits - logits.max(1, keepdims=True))
+    posterior /= posterior.sum(1, keepdims=True)
+    return np.einsum("ug,ugh->uh", posterior, weights)
 
 
 def prior_strength_evidence(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None = None, *,
                             prior: np.ndarray | None = None, strengths: np.ndarray = STRENGTHS) -> np.ndarray:
     """Laplace log evidence of each strength (in the order given), summed over the U users: (len(strengths),).
 
-    Type-II maximum likelihood across users: the peak says how far this population's users stray from the prior,
-    which is what `DEFAULT_STRENGTH` (the hyperprior's centre) should be for them.
+    Type-II maximum likelihood across users: the peak says how far this population's users stray from the prior.
+    (Not what sets the hyperprior's centre: on HH-RLHF the evidence peaks at 316, a centre that costs accuracy;
+    `evaluate.calibrate_hyperprior` chooses it by held-out accuracy instead.)
     """
-    c, r, m, w0 = _as_batch(chosen, rejected, mask, prior)
-    _, evidence = _evidence_ladder(c - r, m, w0, strengths)  # strongest first
+    _, evidence, _ = strength_ladder(chosen, rejected, mask, prior=prior, strengths=strengths)  # strongest first
     order = np.argsort(-np.asarray(strengths, dtype=np.float64), kind="stable")
     out = np.empty(len(order))
-    out[order] = evidence.sum(0).numpy()
+    out[order] = evidence.sum(0)
     return out

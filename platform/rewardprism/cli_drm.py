@@ -32,12 +32,14 @@ def decompose(
                                                     "a local cluster)")] = False,
     name: Annotated[str, typer.Option(help="head set name")] = "drm",
     version: Annotated[str, typer.Option(help="head set version")] = "1",
+    calibrate: Annotated[bool, typer.Option(help="choose the default adaptation's hyperprior centre by "
+                                                 "cross-fitting on the same pairs (reads them into memory)")] = True,
 ) -> None:
     """Principal directions of preference differences as a head set (+PCs, −PCs, optional population head)."""
     from rewardprism.cli import fail
     from rewardprism.drm import build_head_set, fit_population_head
     from rewardprism.drm_ray import decompose_folder
-    from rewardprism.embed import EmbeddingSet
+    from rewardprism.evaluate import calibrate_hyperprior
 
     data = _embeddings(embeddings, "--embeddings")
     rows = _split_rows(data, split, test_fraction, split_seed)
@@ -47,19 +49,23 @@ def decompose(
         ray_lib.init(ignore_reinit_error=True)
     try:
         decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
-        population = None
-        if population_head:
-            chosen, rejected = EmbeddingSet(embeddings).load()
-            population = fit_population_head(chosen[rows], rejected[rows])
+        if population_head or calibrate:
+            rows = np.arange(len(data)) if rows is None else rows
+            chosen, rejected = (features[rows] for features in data.load())
+        population = fit_population_head(chosen, rejected) if population_head else None
         heads = build_head_set(decomposition, population, backbone=data.backbone, name=name, version=version,
                                dataset=f"{data.index.get('dataset') or embeddings} [{split}]")
+        if calibrate:
+            pairs = data.pairs()
+            calibrate_hyperprior(heads, chosen, rejected, [pairs[i] for i in rows])
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
     heads.save(out)
     typer.echo(json.dumps({"out": str(out), "heads": heads.num_heads, "content_hash": heads.content_hash,
                            "pairs": int(decomposition.n_samples_seen_), "backbone": heads.backbone,
                            "explained_variance_ratio_top5":
-                               np.round(decomposition.explained_variance_ratio_[:5], 4).tolist()}, indent=1))
+                               np.round(decomposition.explained_variance_ratio_[:5], 4).tolist(),
+                           "hyperprior_center": heads.hyperprior_center}, indent=1))
 
 
 def adapt(
@@ -89,7 +95,7 @@ def adapt(
     idx = np.flatnonzero(keep)[:limit]
     try:
         weights, bias = adapt_profile(head_set.scores(chosen[idx]), head_set.scores(rejected[idx]),
-                                      head_set.default_weights, method=method)
+                                      head_set.default_weights, method=method, center=head_set.hyperprior_center)
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
     profile = {"head_set": head_set.content_hash, "method": method, "pairs": len(idx),

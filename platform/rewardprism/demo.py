@@ -46,6 +46,7 @@ def build_head_set(workdir: Path, backbone: str, generator: SyntheticGenerator) 
     from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
     from rewardprism.embed import EmbeddingSet
     from rewardprism.embed_ray import embed_pairs_ray
+    from rewardprism.evaluate import calibrate_hyperprior
 
     pairs = generator.dataset(N_POPULATION)
     dim = load_backbone(backbone, device="cpu").dim
@@ -58,9 +59,11 @@ def build_head_set(workdir: Path, backbone: str, generator: SyntheticGenerator) 
     chosen, rejected = embeddings.load()
     heads = build_head_set(decomposition, fit_population_head(chosen, rejected), backbone=backbone,
                            dataset="synthetic", name="demo", version="1")
+    calibrate_hyperprior(heads, chosen, rejected, embeddings.pairs())
     path = heads.save(workdir / "heads")
     top = ", ".join(f"{r:.2f}" for r in decomposition.explained_variance_ratio_[:4])
-    print(f"    head set: {heads.num_heads} heads ({K} PCs ±, + population), explained variance {top}, ...")
+    print(f"    head set: {heads.num_heads} heads ({K} PCs ±, + population), explained variance {top}, ...; "
+          f"adaptation's hyperprior centre {heads.hyperprior_center} (cross-fitted)")
     return path
 
 

@@ -62,6 +62,12 @@ class HeadSet:
     def dim(self) -> int:
         return self.weight.shape[1]
 
+    @property
+    def hyperprior_center(self) -> float | None:
+        """The default adaptation's calibrated hyperprior centre (`evaluate.calibrate_hyperprior`), if any."""
+        center = self.info.get("hyperprior_center")
+        return None if center is None else float(center)
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         """(N, d) features → (N, H) head scores."""
         features = np.asarray(features, dtype=np.float32)
