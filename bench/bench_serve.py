@@ -1,7 +1,7 @@
 """Scoring-service throughput, latency and memory, side by side in one run (issue 6's performance targets).
 
     python bench/bench_serve.py [--users 1000] [--concurrency 32] [--responses 4] [--phase-s 25] [--rounds 3]
-                                [--embedders N]
+                                [--embedders N] [--haproxy]
 
 Loopback only, MiniLM, the real config (serve_apps/config.yaml, `--embedders` Embedder replicas sharing all CPUs and one
 Ingress replica) over a fresh Postgres database (SQLite if Postgres is not reachable) holding `--users` users
@@ -177,7 +177,12 @@ def main() -> None:
     parser.add_argument("--embedders", type=int, default=os.cpu_count() or 1,
                         help="Embedder replicas sharing the machine's CPUs (default: one per CPU, as config.yaml's "
                              "num_cpus: 1 autoscales to)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="Ray Serve's HAProxy front and direct ingress (RAY_SERVE_ENABLE_HA_PROXY=1, "
+                             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1) instead of its Python HTTP proxy")
     args = parser.parse_args()
+    if args.haproxy:  # read by every Ray process at import: set before the cluster starts
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1")
     import ray
 
     cpus = os.cpu_count() or 1
@@ -251,11 +256,13 @@ def main() -> None:
                     f"{series[:, 1].max():.0f} | {slope:+.1f} |")
     ratio = [(p / r, u / r, (u - p) / u) for r, p, u in rounds]
     command = "python bench/bench_serve.py " + " ".join(sys.argv[1:])
+    front = "HAProxy with direct ingress" if args.haproxy else "Serve's HTTP proxy"
     body = f"""\
 {args.users} users with random profiles over {HEADS} heads, {args.backbone} (max {args.max_tokens} tokens), \
 {args.responses} responses per request, concurrency {args.concurrency}; {args.embedders} Embedder replica(s) \
 ({cpus / args.embedders:g} CPUs each) and \
-one Ingress replica; database `{sa.make_url(url).get_backend_name()}`; load generator on the same machine; \
+one Ingress replica, behind {front}; database `{sa.make_url(url).get_backend_name()}`; \
+load generator on the same machine; \
 load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end (other work on the machine). \
 Medians of {args.rounds} rounds; in each, the raw forward, then the service personalized, then unpersonalized, \
 on the same {len(requests)} requests ({len(texts)} texts).
@@ -284,7 +291,7 @@ of load; "after warm-up" is once every request has been served once:
 |---|---|---|---|---|---|
 """ + "\n".join(rows)
     print(body)
-    write_section("serve", command, body)
+    write_section("serve-haproxy" if args.haproxy else "serve", command, body)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,7 @@ class ScoringService:
         self.versions = Coalesced(self.read, data.current_versions)  # (user exists, profile version)
         self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
         self.keys: LruCache[str, tuple[data.Caller, float]] = LruCache(10_000)  # sha256(token) → caller, when
+        self._verifying: dict[str, asyncio.Future[data.Caller]] = {}  # sha256(token) → its one verification
         self.pair_scores: LruCache[tuple[str, str], np.ndarray] = LruCache(settings.pair_cache_size)  # (2, H)
         self.served: ServedHeads | None = None
         self.database_ok = True
@@ -297,7 +298,12 @@ class ScoringService:
     # ------------------------------------------------------------------------------------------ auth
 
     async def authenticate(self, token: str | None) -> data.Caller:
-        """The caller behind an API key; a key verified before an outage keeps working through it."""
+        """The caller behind an API key; a key verified before an outage keeps working through it.
+
+        A key is verified at most once at a time: the hash is deliberately slow (scrypt, ~16 MiB), and when a
+        busy key's cache entry expired every request in flight used to hash it again at once — two thirds of
+        the Ingress's CPU under load (bench/bench_serve.py).
+        """
         if not token:
             raise ApiError(401, "missing API key: send it in the X-API-Key header")
         admin_key = self.settings.admin_key
@@ -307,6 +313,13 @@ class ScoringService:
         cached = self.keys.peek(digest)
         if cached is not None and time.monotonic() - cached[1] < self.settings.auth_cache_s:
             return cached[0]
+        if digest not in self._verifying:
+            task = asyncio.ensure_future(self._verify(token, digest, cached))
+            self._verifying[digest] = task
+            task.add_done_callback(lambda _: self._verifying.pop(digest, None))
+        return await asyncio.shield(self._verifying[digest])
+
+    async def _verify(self, token: str, digest: str, cached: tuple[data.Caller, float] | None) -> data.Caller:
         try:
             caller = await self.read(data.authenticate, token)
         except store.InvalidApiKey:

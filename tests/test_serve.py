@@ -349,6 +349,45 @@ def test_api_keys_scopes_and_user_binding(service):
         assert http.post("/admin/users", json={"external_id": "mallory"}).status_code == 403
 
 
+def test_a_key_is_hashed_once_however_many_requests_arrive_with_it(service, db, monkeypatch):
+    """scrypt costs tens of milliseconds and 16 MiB: 32 requests with a key not (or no longer) cached must share
+    one verification, not run 32. ScoringService directly (no HTTP), on the service's database; the real
+    verification, counted."""
+    import asyncio
+
+    from sqlalchemy.orm import Session
+
+    from serve_apps import data
+    from serve_apps import service as service_module
+    from serve_apps.settings import ServeSettings
+
+    with Session(db) as session, session.begin():
+        _, token = store.create_api_key(session, ["score"])
+    calls, verify = [], data.authenticate
+
+    def counted(session, token):
+        calls.append(token)
+        return verify(session, token)
+
+    monkeypatch.setattr(service_module.data, "authenticate", counted)
+
+    async def burst() -> list:
+        scoring = service_module.ScoringService(ServeSettings(database_url=service.database, auth_cache_s=0),
+                                                embed=None, metrics=None)
+        try:
+            first = await asyncio.gather(*(scoring.authenticate(token) for _ in range(32)))
+            again = await asyncio.gather(*(scoring.authenticate(token) for _ in range(8)))  # expired at once
+            with pytest.raises(service_module.ApiError, match="invalid or revoked"):
+                await asyncio.gather(*(scoring.authenticate(token + "x") for _ in range(8)))
+            return first + again
+        finally:
+            await scoring.close()
+
+    callers = asyncio.run(burst())
+    assert all(c == callers[0] for c in callers) and callers[0].allows("score")
+    assert calls == [token, token, token + "x"]
+
+
 def test_bootstrap_admin_key_creates_lists_and_revokes_keys(service, db):
     """REWARDPRISM_ADMIN_KEY works for admin calls (e.g. the first keys) and is audited; a near miss is 401."""
     with service.client(BOOTSTRAP_KEY) as http:
