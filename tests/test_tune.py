@@ -202,6 +202,7 @@ def test_drm_sweep_resumes_and_its_accuracies_hold(tmp_path, ray_cluster, embedd
     assert (summary["heads"], summary["method"]) == (best["config/heads"], "hyre")
     heads = HeadSet.load(experiment / "best" / "headset")
     assert heads.num_heads == 2 * summary["heads"] and heads.version.startswith(f"k{summary['heads']}-")
+    assert "hyperprior_calibration" in heads.info  # shipped as `decompose` ships a head set: calibrated
     assert f"registered drm-smoke@{heads.version} (drm, {heads.num_heads} heads) - active" in \
         register(tmp_path, experiment / "best" / "headset")
     assert_pngs([experiment / "plots" / f"{name}.png"

@@ -136,9 +136,17 @@ def first_components(decomposition: PreferenceDecomposition, k: int) -> Preferen
     return top
 
 
-def head_set(data: SweepData, k: int, name: str = "drm") -> HeadSet:
-    return build_head_set(first_components(data.decomposition, k), data.population, backbone=data.backbone,
-                          dataset=data.dataset, name=name)
+def head_set(data: SweepData, k: int, name: str = "drm", calibrate: bool = False) -> HeadSet:
+    """The top-k head set; `calibrate`: with the default adaptation's hyperprior centre, as `decompose` ships it."""
+    from rewardprism.evaluate import calibrate_hyperprior
+
+    heads = build_head_set(first_components(data.decomposition, k), data.population, backbone=data.backbone,
+                           dataset=data.dataset, name=name)
+    if calibrate:
+        train = data.split.train
+        calibrate_hyperprior(heads, data.split.chosen[train], data.split.rejected[train],
+                             [data.split.pairs[i] for i in train])
+    return heads
 
 
 def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) -> tuple[dict[str, Any],
@@ -152,7 +160,7 @@ def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) ->
     from rewardprism.adapt import adapt_users
     from rewardprism.evaluate import evaluate_adaptation, random_heads, sample_adaptation
 
-    heads = head_set(data, k)
+    heads = head_set(data, k, calibrate=method == "default")
     names = heads.head_names
     if method in RANDOM:  # as many random directions as the head set has heads; HyRe ignores the prior
         test, adapter = data.split.scored(random_heads(heads.dim, heads.num_heads, RANDOM[method])), "hyre"
@@ -160,11 +168,11 @@ def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) ->
     else:
         test, adapter = data.split.scored(heads), method
     prior, seed_list = heads.default_weights.astype(np.float64), range(seeds)
-    result = evaluate_adaptation(test, n, method=adapter, prior=prior, seeds=seed_list)
+    result = evaluate_adaptation(test, n, method=adapter, prior=prior, seeds=seed_list, center=heads.hyperprior_center)
     # evaluate_adaptation keeps only accuracies: the same draws adapted again give the profiles it scored
     picks = sample_adaptation(test, n, seed_list)  # {group: (S, n)}
-    weights = np.stack([adapt_users(test.chosen[p], test.rejected[p], prior, method=adapter)[0]
-                        for p in picks.values()], axis=1)  # (S, G, H)
+    weights = np.stack([adapt_users(test.chosen[p], test.rejected[p], prior, method=adapter,
+                                    center=heads.hyperprior_center)[0] for p in picks.values()], axis=1)  # (S, G, H)
     honest, reference = result.summary(honest=True), result.summary()
     metrics = {METRIC: honest["overall"][0], f"{METRIC}_std": honest["overall"][1],
                f"{METRIC}_reference": reference["overall"][0],
@@ -196,7 +204,7 @@ def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) ->
     row = max(candidates, key=lambda r: r[METRIC])
     k, method = row["config/heads"], row["config/method"]
     folder = sweep.run.experiment_dir / BEST_DIR
-    heads = save_head_set(head_set(data, k, name=sweep.run.name), folder / "headset", f"k{k}")
+    heads = save_head_set(head_set(data, k, name=sweep.run.name, calibrate=True), folder / "headset", f"k{k}")
     config = {**{f: getattr(sweep, f) for f in ("embeddings", "test_fraction", "split_seed", "population_head")},
               "heads": k, "method": method}
     summary = {"kind": "drm", "heads": k, "method": method, "pairs": sweep.select_pairs, METRIC: row[METRIC],
