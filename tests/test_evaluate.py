@@ -23,6 +23,7 @@ from rewardprism.evaluate import (
     sample_adaptation,
     synthetic_report,
 )
+from rewardprism.heads import HeadSet
 from rewardprism.synthetic import SyntheticGenerator, rating_matrix
 from typer.testing import CliRunner
 
@@ -154,6 +155,9 @@ def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_ag
     tiny = linear_synthetic(per_user=8)  # no group has 2n pairs to draw pseudo-users from: left uncalibrated
     heads = build_head_set(PreferenceDecomposition(3).fit(tiny.chosen, tiny.rejected), None, backbone="linear")
     assert calibrate_hyperprior(heads, tiny.chosen, tiny.rejected, tiny.pairs).hyperprior_center is None
+    handmade = HeadSet(heads.weight, heads.bias, heads.head_names, "drm", "linear", heads.default_weights)
+    with pytest.raises(ValueError, match="made by `build_head_set`"):
+        calibrate_hyperprior(handmade, tiny.chosen, tiny.rejected, tiny.pairs)
 
 
 def _as_decomposition(components: np.ndarray, like: PreferenceDecomposition) -> PreferenceDecomposition:

@@ -170,8 +170,9 @@ def calibrate_hyperprior(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarra
     say "never move". Writes `info["hyperprior_center"]` (None when no group has 2n pairs to draw from) and the
     accuracies.
     """
-    if heads.kind != "drm":
-        raise ValueError(f"hyperprior calibration refits a DRM head set; this one is {heads.kind!r}")
+    if heads.kind != "drm" or not {"n_components", "population_head"} <= heads.info.keys():
+        raise ValueError(f"hyperprior calibration refits a DRM head set made by `build_head_set`; this one is "
+                         f"{heads.kind!r} with info {sorted(heads.info)}")
     accuracy, population, used = np.zeros(len(centers)), [], set()
     for split_seed in range(splits):
         fit, held_out = (np.asarray(half, dtype=int) for half in split_by_prompt(pairs, 0.5, split_seed))
