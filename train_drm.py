@@ -154,12 +154,11 @@ class DrmRecipe:
         data_set = EmbeddingSet(self.embeddings)
         data = Split.of(*data_set.load(), data_set.pairs(), c.test_fraction, c.split_seed)
         decomposition = decompose_folder(self.embeddings, c.n_components, rows=data.train, use_ray=c.use_ray)
-        population = fit_population_head(data.chosen[data.train], data.rejected[data.train]) \
-            if c.population_head else None
+        chosen, rejected, pairs = data.training()
+        population = fit_population_head(chosen, rejected) if c.population_head else None
         self.heads = build_head_set(decomposition, population, backbone=data_set.backbone,
                                     dataset=f"{c.dataset} [train split]")
-        calibrate_hyperprior(self.heads, data.chosen[data.train], data.rejected[data.train],
-                             [data.pairs[i] for i in data.train])
+        calibrate_hyperprior(self.heads, chosen, rejected, pairs)
         adapt_from = None
         if c.adapt_from is not None:
             other = EmbeddingSet(c.adapt_from)

@@ -97,10 +97,14 @@ class SweepData:
     population: np.ndarray | None  # (d,) or None
     backbone: str
     dataset: str
+    calibration: dict[int, dict[str, Any]]  # k → the head set's calibrated hyperprior (`info` entries)
 
 
 def load_data(sweep: DrmSweep) -> SweepData:
-    """Split by prompt, check every group can label n pairs, fit the one decomposition (and population head)."""
+    """Split by prompt, check every group can label n pairs, fit the one decomposition (and population head),
+    and calibrate each k's hyperprior once (it does not depend on n or the method)."""
+    from rewardprism.evaluate import calibrate_hyperprior
+
     try:
         embeddings = EmbeddingSet(sweep.embeddings)
     except FileNotFoundError as exc:
@@ -115,11 +119,17 @@ def load_data(sweep: DrmSweep) -> SweepData:
     k = max(sweep.heads)
     if k > embeddings.dim:
         raise ConfigError("heads", f"k={k} exceeds the embedding dimension {embeddings.dim}")
-    train_chosen, train_rejected = chosen[split.train], rejected[split.train]
+    train_chosen, train_rejected, train_pairs = split.training()
     decomposition = PreferenceDecomposition(k).fit(train_chosen, train_rejected)
     population = fit_population_head(train_chosen, train_rejected) if sweep.population_head else None
+    calibration = {}
+    for heads in sweep.heads:
+        calibrated = calibrate_hyperprior(build_head_set(first_components(decomposition, heads), population,
+                                                         backbone=embeddings.backbone),
+                                          train_chosen, train_rejected, train_pairs)
+        calibration[heads] = {key: calibrated.info[key] for key in ("hyperprior_center", "hyperprior_calibration")}
     return SweepData(split, decomposition, population, embeddings.backbone,
-                     embeddings.index.get("dataset", sweep.embeddings))
+                     embeddings.index.get("dataset", sweep.embeddings), calibration)
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -136,16 +146,11 @@ def first_components(decomposition: PreferenceDecomposition, k: int) -> Preferen
     return top
 
 
-def head_set(data: SweepData, k: int, name: str = "drm", calibrate: bool = False) -> HeadSet:
-    """The top-k head set; `calibrate`: with the default adaptation's hyperprior centre, as `decompose` ships it."""
-    from rewardprism.evaluate import calibrate_hyperprior
-
+def head_set(data: SweepData, k: int, name: str = "drm") -> HeadSet:
+    """The top-k head set with its calibrated hyperprior, as `rewardprism decompose` ships one."""
     heads = build_head_set(first_components(data.decomposition, k), data.population, backbone=data.backbone,
                            dataset=data.dataset, name=name)
-    if calibrate:
-        train = data.split.train
-        calibrate_hyperprior(heads, data.split.chosen[train], data.split.rejected[train],
-                             [data.split.pairs[i] for i in train])
+    heads.info.update(data.calibration[k])
     return heads
 
 
@@ -160,7 +165,7 @@ def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) ->
     from rewardprism.adapt import adapt_users
     from rewardprism.evaluate import evaluate_adaptation, random_heads, sample_adaptation
 
-    heads = head_set(data, k, calibrate=method == "default")
+    heads = head_set(data, k)
     names = heads.head_names
     if method in RANDOM:  # as many random directions as the head set has heads; HyRe ignores the prior
         test, adapter = data.split.scored(random_heads(heads.dim, heads.num_heads, RANDOM[method])), "hyre"
@@ -204,7 +209,7 @@ def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) ->
     row = max(candidates, key=lambda r: r[METRIC])
     k, method = row["config/heads"], row["config/method"]
     folder = sweep.run.experiment_dir / BEST_DIR
-    heads = save_head_set(head_set(data, k, name=sweep.run.name, calibrate=True), folder / "headset", f"k{k}")
+    heads = save_head_set(head_set(data, k, name=sweep.run.name), folder / "headset", f"k{k}")
     config = {**{f: getattr(sweep, f) for f in ("embeddings", "test_fraction", "split_seed", "population_head")},
               "heads": k, "method": method}
     summary = {"kind": "drm", "heads": k, "method": method, "pairs": sweep.select_pairs, METRIC: row[METRIC],

@@ -173,7 +173,7 @@ def calibrate_hyperprior(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarra
     if heads.kind != "drm" or not {"n_components", "population_head"} <= heads.info.keys():
         raise ValueError(f"hyperprior calibration refits a DRM head set made by `build_head_set`; this one is "
                          f"{heads.kind!r} with info {sorted(heads.info)}")
-    accuracy, population, used = np.zeros(len(centers)), [], set()
+    accuracy, population, used, groups_all = np.zeros(len(centers)), [], set(), groups_of(pairs)
     for split_seed in range(splits):
         fit, held_out = (np.asarray(half, dtype=int) for half in split_by_prompt(pairs, 0.5, split_seed))
         if len(fit) <= 1 or len(held_out) == 0:
@@ -181,7 +181,7 @@ def calibrate_hyperprior(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarra
         decomposition = PreferenceDecomposition(heads.info["n_components"]).fit(chosen[fit], rejected[fit])
         head = fit_population_head(chosen[fit], rejected[fit]) if heads.info["population_head"] else None
         refit = build_head_set(decomposition, head, backbone=heads.backbone)
-        users = ScoredPairs.of(refit, chosen[held_out], rejected[held_out], groups_of(pairs)[held_out])
+        users = ScoredPairs.of(refit, chosen[held_out], rejected[held_out], groups_all[held_out])
         population.append(fixed_profile(users, refit.default_weights, "").summary()["overall"][0])
         for n in n_values:
             groups = [g for g in users.group_names if len(users.indices(g)) >= 2 * n]
@@ -294,6 +294,10 @@ class Split:
             raise ValueError(f"{len(pairs)} pairs but {len(chosen)} embeddings")
         train, test = split_by_prompt(pairs, test_fraction, seed)
         return cls(chosen, rejected, pairs, np.array(train, dtype=int), np.array(test, dtype=int))
+
+    def training(self) -> tuple[np.ndarray, np.ndarray, list[PreferencePair]]:
+        """The training split's chosen and rejected features and its pairs: what a head set is fitted on."""
+        return self.chosen[self.train], self.rejected[self.train], [self.pairs[i] for i in self.train]
 
     def scored(self, heads: np.ndarray | HeadSet) -> ScoredPairs:
         """The test split's head scores and groups."""
