@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sqlalchemy as sa
-from rewardprism.scoring import Profile, UserState
+from rewardprism.scoring import Profile, Revision, UserState
 from rewardprism.store import HeadSet, User, verify_api_key
 from rewardprism.store import Profile as ProfileRow
 from sqlalchemy.orm import Session
@@ -28,27 +28,29 @@ class Caller:
 
 def to_profile(row: ProfileRow) -> Profile:
     return Profile(np.asarray(row.weights, dtype=np.float64), float(row.bias), row.head_set.content_hash,
-                   row.version)
+                   row.version, row.created_at)
 
 
 def read_user_states(session: Session, external_ids: list[str]) -> dict[str, UserState]:
     """Each user's state, in one query without ORM objects (the scoring fast path, for cache misses)."""
     rows = session.execute(
-        sa.select(User.external_id, ProfileRow.version, ProfileRow.weights, ProfileRow.bias, HeadSet.content_hash)
+        sa.select(User.external_id, ProfileRow.version, ProfileRow.created_at, ProfileRow.weights, ProfileRow.bias,
+                  HeadSet.content_hash)
         .select_from(User).outerjoin(User.profile).outerjoin(ProfileRow.head_set)
         .where(User.external_id.in_(external_ids))).all()
     found = {user: UserState(True, None if version is None else Profile(
-        np.asarray(weights, dtype=np.float64), float(bias), content_hash, version))
-        for user, version, weights, bias, content_hash in rows}
+        np.asarray(weights, dtype=np.float64), float(bias), content_hash, version, created_at))
+        for user, version, created_at, weights, bias, content_hash in rows}
     return {user: found.get(user, UserState(False)) for user in external_ids}
 
 
-def current_versions(session: Session, external_ids: list[str]) -> dict[str, tuple[bool, int | None]]:
-    """(user exists, profile version) of each user, in one query; users not found are (False, None)."""
-    rows = session.execute(sa.select(User.external_id, ProfileRow.version).select_from(User)
-                           .outerjoin(User.profile).where(User.external_id.in_(external_ids))).all()
-    found = {user: (True, version) for user, version in rows}
-    return {user: found.get(user, (False, None)) for user in external_ids}
+def current_revisions(session: Session, external_ids: list[str]) -> dict[str, Revision]:
+    """Each user's `UserState.revision`, in one query; users not found are (False, None, None)."""
+    rows = session.execute(sa.select(User.external_id, ProfileRow.version, ProfileRow.created_at)
+                           .select_from(User).outerjoin(User.profile)
+                           .where(User.external_id.in_(external_ids))).all()
+    found = {user: (True, version, created_at) for user, version, created_at in rows}
+    return {user: found.get(user, (False, None, None)) for user in external_ids}
 
 
 def active_head_set(session: Session, name: str) -> HeadSet | None:

@@ -9,7 +9,7 @@ Staying up without the database: scoring falls back to the last cached profile (
 profile; feedback and admin calls answer 503 and write nothing (each is one transaction). Every call after the
 database returns works again: the engine re-connects (pool pre-ping), and nothing here caches a failure.
 
-Profiles are cached per replica by (user, version). Every score request checks its user's current version
+Profiles are cached per replica by (user, revision). Every score request checks its user's current revision
 with the store — one small query for all the requests that arrive together (`Coalesced`) — so a profile
 written by any replica is used by the very next request anywhere, and a cached one costs no more than that
 check. The active head set is re-read every `head_set_poll_s`.
@@ -208,7 +208,7 @@ class ScoringService:
         self.db = ThreadPoolExecutor(store_settings.pool_size + store_settings.max_overflow,
                                      thread_name_prefix="rewardprism-db")
         self.profiles = ProfileCache(settings.profile_cache_size)
-        self.versions = Coalesced(self.read, data.current_versions)  # (user exists, profile version)
+        self.revisions = Coalesced(self.read, data.current_revisions)  # (user exists, profile version, created)
         self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
         self.keys: LruCache[str, tuple[data.Caller, float]] = LruCache(10_000)  # sha256(token) → caller, when
         self._verifying: dict[str, asyncio.Future[data.Caller]] = {}  # sha256(token) → its one verification
@@ -369,8 +369,8 @@ class ScoringService:
         # With something cached to fall back on, a slow check is not waited for; without, it is.
         timeout = self.settings.version_check_timeout_s if self.profiles.latest(user) is not None else None
         try:
-            version = await self.versions(user, timeout)
-            state = self.profiles.get(user, version)
+            revision = await self.revisions(user, timeout)
+            state = self.profiles.get(user, revision)
             self.metrics.cache("miss" if state is None else "hit")
             if state is None:
                 state = await self.states(user)
@@ -443,6 +443,11 @@ class ScoringService:
         self.authorize(caller, "feedback", user)
         served = self.heads()
         pairs = [FeedbackPair(p.conversation, p.chosen, p.rejected, p.source) for p in request.pairs]
+        for i, pair in enumerate(pairs):  # the store's own limits (RP_MAX_* included), before any forward pass
+            try:
+                store.check_feedback_pair(pair, self.limits)
+            except store.InvalidInput as exc:
+                raise ApiError(422, str(exc), [f"pairs[{i}]"]) from None
         started = time.perf_counter()
         lock = self._user_locks.setdefault(user, asyncio.Lock())
         async with lock:  # this replica's writers for one user queue here rather than conflict in the database
@@ -492,23 +497,25 @@ class ScoringService:
                            reject: bool) -> dict[str, np.ndarray]:
         """Head scores (2, H) of each pair's chosen and rejected response, by `pair_key`; embeds what is missing."""
         digest = served.heads.content_hash
-        known, missing = {}, {}
-        for pair in pairs:
+        known, missing, positions = {}, {}, {}  # positions: the indices in `pairs` of each missing pair
+        for index, pair in enumerate(pairs):
             key = pair_key(pair.prompt, pair.chosen, pair.rejected)
             cached = self.pair_scores.get((digest, key))
             if cached is not None:
                 known[key] = cached
             else:
                 missing[key] = pair
+                positions.setdefault(key, []).append(index)
         if missing:
             todo = list(missing.values())
             items = [(p.prompt, p.chosen) for p in todo] + [(p.prompt, p.rejected) for p in todo]
             heads = served.heads
             result = await self.embed(served.ref, ScoreJob(items, heads.default_weights, 0.0, reject))
             if result.scores is None:
-                n = len(todo)
-                raise over_length_error([f"pairs[{i % n}].{'chosen' if i < n else 'rejected'}"
-                                         for i in result.over_length], self.settings.max_tokens)
+                n, where = len(todo), list(positions.values())
+                raise over_length_error([f"pairs[{index}].{'chosen' if i < n else 'rejected'}"
+                                         for i in result.over_length for index in where[i % n]],
+                                        self.settings.max_tokens)
             for i, key in enumerate(missing):
                 known[key] = np.stack([result.head_scores[i], result.head_scores[len(todo) + i]])
                 self.pair_scores.put((digest, key), known[key])

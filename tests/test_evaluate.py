@@ -183,6 +183,12 @@ def test_cli_decompose_adapt_evaluate(tmp_path):
                               "--components", "6"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["heads"] == 13 and json.loads(out.output)["hyperprior_center"] > 0
+    # with the pairs in memory anyway it decomposes them there; streaming the shards gives the same heads
+    out = runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "pcs"),
+                              "--components", "6", "--no-population-head", "--no-calibrate"])
+    assert out.exit_code == 0, out.output
+    in_memory, streamed = HeadSet.load(tmp_path / "heads"), HeadSet.load(tmp_path / "pcs")
+    np.testing.assert_allclose(in_memory.weight[1:], streamed.weight, atol=1e-6)
     out = runner.invoke(app, ["adapt", "--heads", str(tmp_path / "heads"), "--embeddings", str(tmp_path / "emb"),
                               "--group", "concise", "--limit", "10", "--out", str(tmp_path / "profile.json")])
     assert out.exit_code == 0, out.output

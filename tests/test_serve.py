@@ -10,6 +10,7 @@ test runs a second application on SQLite. Expected scores and profiles are recom
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import secrets
 import socket
@@ -17,6 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -201,12 +203,15 @@ def test_profile_cache_serves_only_the_current_version():
     from rewardprism.scoring import Profile, ProfileCache, UserState
 
     cache = ProfileCache(capacity=2)
-    v3 = UserState(True, Profile(np.ones(2), 0.0, "h", version=3))
+    created = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    v3 = UserState(True, Profile(np.ones(2), 0.0, "h", version=3, created_at=created))
     cache.put("ann", v3)
-    assert cache.get("ann", (True, 3)) is v3 and cache.get("ann", (True, 4)) is None
+    assert cache.get("ann", (True, 3, created)) is v3 and cache.get("ann", (True, 4, created)) is None
+    # deleted and created again: version 3 once more, but not the same profile
+    assert cache.get("ann", (True, 3, created + timedelta(microseconds=1))) is None
     assert cache.latest("ann") is v3  # what an outage falls back to
     cache.put("bo", UserState(False))
-    assert cache.get("bo", (False, None)) is not None and cache.get("bo", (True, None)) is None
+    assert cache.get("bo", (False, None, None)) is not None and cache.get("bo", (True, None, None)) is None
     cache.put("cy", UserState(True))
     assert cache.latest("ann") is None and len(cache) == 2  # least recently used goes first
 
@@ -388,6 +393,51 @@ def test_a_key_is_hashed_once_however_many_requests_arrive_with_it(service, db, 
     assert calls == [token, token, token + "x"]
 
 
+def test_a_user_deleted_and_created_again_elsewhere_is_not_scored_with_the_old_profile(service, db):
+    """The recreated user's profile starts again at version 1; a replica that cached the old one (this
+    ScoringService, no HTTP) must still see that it changed, though the deletion happened elsewhere."""
+    import asyncio
+
+    from sqlalchemy.orm import Session
+
+    from serve_apps import service as service_module
+    from serve_apps.settings import ServeSettings
+
+    user, heads = f"reborn-{uuid.uuid4().hex[:6]}", service.heads.num_heads
+
+    def recreate(weights: list[float], delete: bool = True) -> int:
+        with Session(db) as session, session.begin():
+            if delete:
+                store.delete_user(session, user)
+            store.create_user(session, user)
+            head_set = store.get_head_set(session, service.heads.name)
+            return store.save_profile(session, user, weights, expected_version=None, method="manual",
+                                      head_set=head_set).version
+
+    class Lookups:  # the metrics sink: what the profile cache answered
+        results: list[str] = []
+
+        def cache(self, result: str) -> None:
+            self.results.append(result)
+
+    async def profiles_seen() -> list:
+        replica = service_module.ScoringService(ServeSettings(database_url=service.database), embed=None,
+                                                metrics=Lookups())
+        await replica.start()
+        try:
+            first, _ = await replica.profile_for(user, replica.heads())
+            assert recreate([-1.0] * heads) == first.version == 1
+            again, used = await replica.profile_for(user, replica.heads())
+            return [first.weights.tolist(), again.weights.tolist(), used.version]
+        finally:
+            await replica.close()
+
+    recreate([1.0] * heads, delete=False)
+    first, again, version = asyncio.run(profiles_seen())
+    assert first == [1.0] * heads and again == [-1.0] * heads and version == 1
+    assert Lookups.results == ["miss", "miss"]
+
+
 def test_bootstrap_admin_key_creates_lists_and_revokes_keys(service, db):
     """REWARDPRISM_ADMIN_KEY works for admin calls (e.g. the first keys) and is audited; a near miss is 401."""
     with service.client(BOOTSTRAP_KEY) as http:
@@ -449,6 +499,12 @@ def test_malformed_json_and_feedback_fields(service):
         missing = http.post("/v1/users/alice/feedback", json={"pairs": [{"prompt": "p", "chosen": "c"}]})
         assert missing.status_code == 422 and ["body", "pairs", 0, "rejected"] in [
             e["loc"] for e in missing.json()["detail"]]
+        # each message within its limit, together over the store's: refused before any forward pass
+        chat = [{"role": "user", "content": "x" * 16_500}, {"role": "assistant", "content": "y" * 16_500}]
+        too_long = http.post("/v1/users/alice/feedback",
+                             json={"pairs": [pair(0), {"messages": chat, "chosen": "c", "rejected": "r"}]})
+        assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["body", "pairs", 1]
+        assert "33000 characters together" in too_long.json()["detail"][0]["msg"]
 
 
 def test_limits_on_bytes_responses_and_tokens(service):
@@ -490,6 +546,11 @@ def test_live_settings_change_without_restarting_replicas(service, backbone):
             assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "responses", 1]
             pairs = [pair(i, "hyre") for i in range(3)]
             profile = http.post(f"/v1/users/hyre-{uuid.uuid4().hex[:6]}/feedback", json={"pairs": pairs}).json()
+            # the over-long text is named by its place in the request, whatever was cached or repeated before it
+            too_long = {"prompt": "p", "chosen": "word " * 200, "rejected": "r"}
+            refused = http.post("/v1/users/alice/feedback", json={"pairs": [pairs[0], pairs[1], pairs[1], too_long]})
+            assert refused.status_code == 422
+            assert [e["loc"] for e in refused.json()["detail"]] == [["body", "pairs", 3, "chosen"]]
     finally:
         local.run_config(service.port, app_config("rp", "/", service.database, 2))
     assert replicas() == before
@@ -564,6 +625,7 @@ def test_admin_users_export_import_reset_and_audit(service, db):
 
 
 def test_activating_another_head_set_switches_scoring_live(service, tmp_path):
+    set_profile(service, "carol", np.ones(service.heads.num_heads))  # over version 1
     other = random_head_set(service.heads.dim, 4, "2", seed=1)
     with service.client(service.keys.admin) as http:
         registered = http.post("/admin/head-sets", json={"uri": str(other.save(tmp_path / "v2")), "activate": True})
@@ -571,16 +633,22 @@ def test_activating_another_head_set_switches_scoring_live(service, tmp_path):
         try:
             with service.client(service.keys.client) as client:
                 body = wait_for(lambda: (r := client.post("/v1/score", json={
-                    "user_id": "bob", "prompt": "p", "responses": ["r"], "explain": True}).json())
+                    "user_id": "carol", "prompt": "p", "responses": ["r"], "explain": True}).json())
                     ["head_set"] == "default@2" and r)
             assert body and len(body["scores"][0]["explanation"]) == 4
-            assert body["profile"]["reason"] == "other_head_set"  # bob's weights are over version 1
+            assert body["profile"]["reason"] == "other_head_set"  # carol's weights are over version 1
         finally:
             assert http.post("/admin/head-sets/default/1/activate").status_code == 200
             with service.client(service.keys.client) as client:  # every replica back on version 1
                 assert wait_for(lambda: all(client.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
                                             ["head_set"] == "default@1" for _ in range(8)))
         assert http.post("/admin/head-sets", json={"uri": str(tmp_path / "nowhere")}).status_code == 422
+        broken = other.save(tmp_path / "broken")  # a hand-edited headset.json: 422 naming the uri, not a 500
+        for meta in ("[1]", json.dumps({k: v for k, v in other.metadata().items() if k != "head_names"})):
+            (broken / "headset.json").write_text(meta)
+            refused = http.post("/admin/head-sets", json={"uri": str(broken)})
+            assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "uri"]
+            assert "not a valid head set" in refused.json()["detail"][0]["msg"]
 
 
 def test_health_and_prometheus_metrics(service, ray_cluster):

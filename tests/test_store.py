@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,23 @@ BAD_INPUT: dict[str, tuple[Operation, type[Exception], str]] = {
     "same head set version, other content": (lambda s: register(s, "1", content_hash="other"), AlreadyExists,
                                              "other content"),
     "import of unknown head set": (lambda s: import_user(s, EXPORT), NotFound, "gone@1"),
+    "import with a head set name not text": (
+        lambda s: import_user(s, {**EXPORT, "profile": {**EXPORT["profile"], "head_set": {"name": ["drm-test"],
+                                                                                          "version": "1"}}}),
+        InvalidInput, "profile.head_set.name must be a string"),
+    "import with n_pairs out of range": (
+        lambda s: import_user(s, {**EXPORT, "profile": {**EXPORT["profile"], "head_set": {"name": "drm-test",
+                                                                                          "version": "1"},
+                                                        "weights": [0.0] * 6, "n_pairs": 10**20}}),
+        InvalidInput, "n_pairs must be from 0"),
+    "import with disabled as text": (lambda s: import_user(s, {**EXPORT, "disabled": "false"}), InvalidInput,
+                                     "disabled must be true or false"),
+    "import with a lone surrogate": (lambda s: import_user(s, {**EXPORT, "display_name": "\ud800",
+                                                                     "profile": None}),
+                                     InvalidInput, "valid Unicode"),
+    "NUL in a display name": (lambda s: create_user(s, "bob", display_name="a\x00b"), InvalidInput, "NUL"),
+    "lone surrogate in metadata": (lambda s: create_user(s, "bob", metadata={"x": "\udfff"}), InvalidInput,
+                                   "not plain JSON"),
     "import of something else": (lambda s: import_user(s, {"users": []}), InvalidInput, "not a user export"),
 }
 
@@ -432,6 +450,42 @@ def test_export_then_import_restores_the_user(seeded: Store) -> None:
     assert again["profile"].pop("version") == 1  # a fresh row: the lock version starts over
     exported["profile"].pop("version")
     assert again == exported
+
+
+def test_times_keep_their_instant_and_come_back_in_utc(seeded: Store) -> None:
+    """SQLite drops a time's offset; the store converts to UTC first, so both backends agree."""
+    export = {**EXPORT, "created_at": "2025-06-01T12:00:00+02:00", "profile": None,
+              "feedback": [{"prompt": "p", "chosen": "c", "rejected": "r", "source": "api",
+                            "created_at": "2025-06-01T12:30:00-05:00"}]}
+    with seeded.sessions.begin() as s:
+        import_user(s, export)
+    with seeded.sessions() as s:
+        user, again = get_user(s, "bob"), export_user(s, "bob")
+        assert user.created_at == datetime(2025, 6, 1, 10, tzinfo=timezone.utc)
+        assert user.created_at.utcoffset() == timedelta(0)
+    assert again["created_at"] == "2025-06-01T10:00:00+00:00"
+    assert again["feedback"][0]["created_at"] == "2025-06-01T17:30:00+00:00"
+
+
+@POSTGRES_ONLY
+def test_registering_one_head_set_twice_at_once_is_a_no_op(store: Store) -> None:
+    """Both transactions pass the "not registered yet" check; the one that loses the insert must find the
+    winner's row (same content: no error) rather than fail on the unique constraint."""
+    inserted, results = threading.Event(), {}
+
+    def second() -> None:
+        inserted.wait()
+        with store.sessions.begin() as s:
+            results["second"] = register(s, activate=False).id
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with store.sessions.begin() as s:
+        results["first"] = register(s, activate=False).id
+        inserted.set()  # the second now blocks on the unique index until this commits
+        thread.join(timeout=1)
+    thread.join()
+    assert results["first"] == results["second"] and store.counts()["head_sets"] == 1
 
 
 def test_delete_user_takes_profile_feedback_and_keys_with_them(seeded: Store) -> None:

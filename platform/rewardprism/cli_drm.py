@@ -37,7 +37,7 @@ def decompose(
 ) -> None:
     """Principal directions of preference differences as a head set (+PCs, −PCs, optional population head)."""
     from rewardprism.cli import fail
-    from rewardprism.drm import build_head_set, fit_population_head
+    from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
     from rewardprism.drm_ray import decompose_folder
     from rewardprism.evaluate import calibrate_hyperprior
 
@@ -48,10 +48,13 @@ def decompose(
 
         ray_lib.init(ignore_reinit_error=True)
     try:
-        decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
-        if population_head or calibrate:
+        if population_head or calibrate:  # these need the pairs in memory: decompose them there too, read once
             rows = np.arange(len(data)) if rows is None else rows
             chosen, rejected = (features[rows] for features in data.load())
+        if ray or not (population_head or calibrate):
+            decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
+        else:
+            decomposition = PreferenceDecomposition(components).fit(chosen, rejected)
         population = fit_population_head(chosen, rejected) if population_head else None
         heads = build_head_set(decomposition, population, backbone=data.backbone, name=name, version=version,
                                dataset=f"{data.index.get('dataset') or embeddings} [{split}]")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 Kind = Literal["drm", "vrm", "bt"]
@@ -104,11 +105,14 @@ class HeadSet:
         path = Path(path)
         if not (path / META).exists():
             raise FileNotFoundError(f"{path} is not a head set folder (no {META})")
-        meta = json.loads((path / META).read_text())
-        tensors = load_file(path / TENSORS)
-        heads = cls(tensors["weight"], tensors["bias"], meta["head_names"], meta["kind"], meta["backbone"],
-                    tensors["default_weights"], meta["name"], meta["version"], meta.get("dataset", ""),
-                    meta.get("info", {}), meta["created"])
+        try:  # a hand-edited or truncated folder is bad input (ValueError), whichever part of it is wrong
+            meta = json.loads((path / META).read_text())
+            tensors = load_file(path / TENSORS)
+            heads = cls(tensors["weight"], tensors["bias"], meta["head_names"], meta["kind"], meta["backbone"],
+                        tensors["default_weights"], meta["name"], meta["version"], meta.get("dataset", ""),
+                        meta.get("info", {}), meta["created"])
+        except (KeyError, TypeError, AttributeError, SafetensorError) as exc:
+            raise ValueError(f"{path} is not a valid head set: {exc!r}") from None
         if heads.content_hash != meta["content_hash"]:
             raise ValueError(f"{path}: content hash mismatch (files changed after saving)")
         return heads

@@ -10,7 +10,7 @@ that is one (B, d) × (d, H) product and a row-wise dot for the whole batch, wha
 models are never loaded or multiplexed: a user is just H + 1 numbers.
 
 Also here: per-head explanations, Bradley-Terry preference probabilities, NaN guards, and the per-replica
-profile cache keyed by (user, version).
+profile cache keyed by (user, revision).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -45,13 +46,15 @@ class Profile:
     """What scoring needs of a user: weights (H,) over raw head scores and a bias, for one head set.
 
     `version` is the store's optimistic-lock version (None for the head set's default profile), so a response
-    can say which profile produced it.
+    can say which profile produced it. `created_at` tells two profiles at the same version apart: a user
+    deleted and created again (or re-imported) starts again at version 1.
     """
 
     weights: np.ndarray  # (H,)
     bias: float
     head_set: str  # content hash of the head set the weights are over
     version: int | None = None
+    created_at: datetime | None = None
 
     @classmethod
     def default(cls, heads: HeadSet) -> Profile:
@@ -221,6 +224,9 @@ class LruCache(Generic[K, V]):
         return len(self._items)
 
 
+Revision = tuple[bool, int | None, datetime | None]  # (user exists, profile version, profile created at)
+
+
 @dataclass(frozen=True)
 class UserState:
     """What the store says of a user: unknown, known without a profile, or known with this profile."""
@@ -229,26 +235,29 @@ class UserState:
     profile: Profile | None = None
 
     @property
-    def version(self) -> tuple[bool, int | None]:
-        """The store's (user exists, profile version) pair: what a cached state is checked against."""
-        return self.known, None if self.profile is None else self.profile.version
+    def revision(self) -> Revision:
+        """What a cached state is checked against: (user exists, profile version, profile created at)."""
+        if self.profile is None:
+            return self.known, None, None
+        return self.known, self.profile.version, self.profile.created_at
 
 
 class ProfileCache:
-    """Users' states on one replica, keyed by (user, version).
+    """Users' states on one replica, keyed by (user, revision).
 
-    A lookup names the version the store says is current (one small query for many requests, see the service),
+    A lookup names the revision the store says is current (one small query for many requests, see the service),
     so a cached profile is used exactly while it is still the user's latest, whichever replica wrote the newer
-    one: a write anywhere invalidates every replica's entry by moving the version. `latest()` is the last state
+    one: a write anywhere invalidates every replica's entry by moving the version (a deleted and recreated user
+    by a new creation time). `latest()` is the last state
     seen, for when the store cannot be asked.
     """
 
     def __init__(self, capacity: int):
         self.entries: LruCache[str, UserState] = LruCache(capacity)
 
-    def get(self, user: str, version: tuple[bool, int | None]) -> UserState | None:
+    def get(self, user: str, revision: Revision) -> UserState | None:
         state = self.entries.get(user)
-        return state if state is not None and state.version == version else None
+        return state if state is not None and state.revision == revision else None
 
     def latest(self, user: str) -> UserState | None:
         return self.entries.peek(user)

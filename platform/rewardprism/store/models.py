@@ -33,6 +33,27 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A point in time, stored in UTC and read back with its zone on every backend.
+
+    Postgres keeps the zone of a `timestamptz`; SQLite keeps the wall-clock text and drops the offset, so an
+    aware time converted to UTC first is the only way both read back the same instant. Naive input is UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 def _one_of(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
@@ -49,7 +70,7 @@ class Base(DeclarativeBase):
         }
     )
     type_annotation_map: ClassVar[dict[Any, Any]] = {
-        datetime: sa.DateTime(timezone=True),
+        datetime: UtcDateTime(),
         dict[str, Any]: JSONDoc,
     }
 

@@ -123,6 +123,9 @@ def commit_with_retry(
 # ---------------------------------------------------------------------------------------------- validation
 
 
+MAX_COUNT = 2**31 - 1  # integer columns are 32-bit on Postgres
+
+
 def _text(value: object, what: str, max_chars: int, *, empty_ok: bool = True) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
@@ -130,16 +133,30 @@ def _text(value: object, what: str, max_chars: int, *, empty_ok: bool = True) ->
         raise InvalidInput(f"{what} must not be empty")
     if len(value) > max_chars:
         raise InvalidInput(f"{what} has {len(value)} characters, more than the limit of {max_chars}")
+    if "\x00" in value or not value.isascii() and not _encodable(value):
+        raise InvalidInput(f"{what} must be valid Unicode text without NUL characters")
     return value
+
+
+def _encodable(text: str) -> bool:
+    """False for text no database can store: lone surrogates (which a JSON escape can carry) do not encode."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_doc(value: object, what: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
-    try:
-        size = len(json.dumps(value, allow_nan=False).encode())
+    try:  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        size = len(text.encode())
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{what} is not plain JSON: {exc}") from None
+    if "\x00" in text:  # JSONB refuses NUL
+        raise InvalidInput(f"{what} must not contain NUL characters")
     if size > max_bytes:
         raise InvalidInput(f"{what} takes {size} bytes as JSON, more than the limit of {max_bytes}")
     return dict(value)
@@ -199,6 +216,11 @@ def _feedback_row(pair: FeedbackPair, limits: Limits) -> Feedback:
     )
 
 
+def check_feedback_pair(pair: FeedbackPair, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise InvalidInput exactly as storing `pair` would: a caller can refuse it before costly work."""
+    _feedback_row(pair, limits)
+
+
 def _scopes(scopes: Iterable[str]) -> list[str]:
     chosen = sorted(set(scopes))
     unknown = [s for s in chosen if s not in SCOPES]
@@ -212,12 +234,7 @@ def _timestamp(value: object, what: str) -> datetime:
         parsed = datetime.fromisoformat(str(value))
     except ValueError:
         raise InvalidInput(f"{what} must be an ISO 8601 timestamp, got {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
-def _iso(value: datetime) -> str:
-    # SQLite hands back naive datetimes; everything is stored in UTC.
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+    return parsed.astimezone(timezone.utc) if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 # ---------------------------------------------------------------------------------------------- users
@@ -345,8 +362,8 @@ def get_profile(session: Session, external_id: str) -> Profile | None:
 def _checked(
     update: ProfileUpdate, head_set: HeadSet, n_pairs: int | None
 ) -> tuple[list[float], float, str]:
-    if n_pairs is not None and n_pairs < 0:
-        raise InvalidInput(f"n_pairs must be >= 0, got {n_pairs}")
+    if n_pairs is not None and not 0 <= n_pairs <= MAX_COUNT:
+        raise InvalidInput(f"n_pairs must be from 0 to {MAX_COUNT}, got {n_pairs}")
     method = _choice(update.method, "method", METHODS)
     return _vector(update.weights, head_set), _finite(update.bias, "bias"), method
 
@@ -464,7 +481,7 @@ def export_user(session: Session, external_id: str) -> dict[str, Any]:
         "display_name": user.display_name,
         "metadata": user.meta,
         "disabled": user.disabled,
-        "created_at": _iso(user.created_at),
+        "created_at": user.created_at.isoformat(),
         "profile": None if profile is None else {
             "head_set": {"name": profile.head_set.name, "version": profile.head_set.version},
             "weights": profile.weights,
@@ -475,7 +492,7 @@ def export_user(session: Session, external_id: str) -> dict[str, Any]:
         },
         "feedback": [
             {"prompt": f.prompt, "chosen": f.chosen, "rejected": f.rejected, "source": f.source,
-             "created_at": _iso(f.created_at)}
+             "created_at": f.created_at.isoformat()}
             for f in _feedback_of(session, user)
         ],
     }
@@ -495,12 +512,20 @@ def import_user(session: Session, data: Mapping[str, Any], *, limits: Limits = D
             row.created_at = _timestamp(f["created_at"], f"feedback[{i}].created_at")
         created_at = _timestamp(data["created_at"], "created_at")
         external_id, display_name, metadata = data["external_id"], data["display_name"], data["metadata"]
-        saved, disabled = data["profile"], bool(data["disabled"])
+        saved, disabled = data["profile"], data["disabled"]
+        if not isinstance(disabled, bool):
+            raise InvalidInput(f"disabled must be true or false, got {disabled!r}")
         update, n_pairs = None, 0
         if saved is not None:
-            head_set = get_head_set(session, saved["head_set"]["name"], str(saved["head_set"]["version"]))
+            name = _text(saved["head_set"]["name"], "profile.head_set.name", HEAD_SET_NAME_MAX, empty_ok=False)
+            version = saved["head_set"]["version"]
+            version = _text(str(version) if isinstance(version, int) else version, "profile.head_set.version",
+                            VERSION_MAX, empty_ok=False)
+            head_set = get_head_set(session, name, version)
             update = ProfileUpdate(saved["weights"], saved["method"], saved["bias"], head_set)
-            n_pairs = int(saved["n_pairs"])
+            n_pairs = saved["n_pairs"]
+            if isinstance(n_pairs, bool) or not isinstance(n_pairs, int):
+                raise InvalidInput(f"profile.n_pairs must be an integer, got {n_pairs!r}")
             _checked(update, head_set, n_pairs)
     except InvalidInput:
         raise
@@ -558,12 +583,17 @@ def register_head_set(
     )
     same_version = (HeadSet.name == name) & (HeadSet.version == version)
     existing = session.scalar(sa.select(HeadSet).where(same_version))
+    if existing is None:
+        try:
+            with session.begin_nested():  # a savepoint: a concurrent registration may win the insert
+                session.add(head_set)
+        except IntegrityError:
+            existing = session.scalar(sa.select(HeadSet).where(same_version))
+            if existing is None:
+                raise
     if existing is not None and existing.content_hash != content_hash:
         raise AlreadyExists(f"head set {existing.label} is registered with other content "
                             f"({existing.content_hash})")
-    if existing is None:
-        session.add(head_set)
-        session.flush()
     return activate_head_set(session, name, version) if activate else existing or head_set
 
 
