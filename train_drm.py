@@ -24,15 +24,9 @@ from typing import Any
 
 import yaml
 from rewardprism.data import DataError, PreferencePair
+from rewardprism.vrm import ConfigError
 
 log = logging.getLogger("rewardprism.train_drm")
-
-
-class ConfigError(ValueError):
-    """A bad config value, naming the field so the user can fix it."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(f"{name}: {message}")
 
 
 @dataclass
@@ -63,16 +57,10 @@ class DrmConfig:
 
 
 def load_config(path: str | None, overrides: dict[str, Any]) -> DrmConfig:
-    """A YAML file (optional) plus overrides, checked against `DrmConfig`'s fields."""
-    values = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-    if not isinstance(values, dict):
-        raise ConfigError("--config", f"{path} must hold a mapping of fields")
-    values.update(overrides)
-    known = {f.name for f in dataclasses.fields(DrmConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(unknown[0], f"unknown field; fields are {', '.join(sorted(known))}")
-    return DrmConfig(**values)
+    """A YAML file (optional) plus overrides, checked against `DrmConfig`'s fields and their types."""
+    from rewardprism.train import from_dict, read_config_file
+
+    return from_dict(DrmConfig, {**(read_config_file(path) if path else {}), **overrides}, "")
 
 
 class DrmRecipe:
@@ -110,7 +98,7 @@ class DrmRecipe:
     def pairs(self) -> Iterator[PreferencePair]:
         """The dataset as a stream (a folder cut to its first `dataset_files` files, sorted)."""
         from rewardprism.cli import load_dataset_arg
-        from rewardprism.data import iter_pairs
+        from rewardprism.data import is_data_file, iter_pairs
 
         c = self.config
         if c.dataset_files is None:
@@ -119,7 +107,7 @@ class DrmRecipe:
         folder = Path(c.dataset)
         if not folder.is_dir():
             raise ConfigError("dataset_files", f"needs a folder as dataset, got {c.dataset}")
-        files = sorted(p for p in folder.iterdir() if p.is_file())[:c.dataset_files]
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_data_file(p))[:c.dataset_files]
         stream = itertools.chain.from_iterable(iter_pairs(f, group=c.group, skip_bad_rows=c.skip_bad_rows)
                                                for f in files)
         return itertools.islice(stream, c.limit)
@@ -191,13 +179,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         recipe = DrmRecipe(load_config(args.pop("config", None), args))
         recipe.setup()
-    except (ConfigError, TypeError) as exc:
+    except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
     try:
         recipe.run()
         recipe.save()
     except DataError as exc:
         parser.exit(2, f"error: dataset: {exc}\n")
+    except ValueError as exc:  # a value the data makes impossible: n over a group's size, k over the dimension
+        parser.exit(2, f"error: {exc}\n")
     finally:
         recipe.cleanup()
     print(f"head set and report in {recipe.out}")

@@ -81,6 +81,10 @@ def test_canonical_roundtrip(tmp_path):
     ('{"prompt": "x", "chosen": "a"}', r"row 1, field 'rejected': missing"),
     ('{"prompt": "x", "chosen": "a", "rejected": "b", "weight": -1}', r"row 1, field 'weight'"),
     ('{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}', r"row 1, field 'prompt'"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "group": 1}', r"row 1, field 'group': must be a string"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "attributes": {"score": 3}}', r"row 1, field 'attributes'"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "attributes": {"chosen": {"help": 1}, '
+     '"rejected": {"harm": 0}}}', r"row 1, field 'attributes': .* with the same names"),
     ('{"text": "no pair here"}', r"row 1: unrecognized record"),
     ("{not json", r"row 1: invalid JSON"),
 ])

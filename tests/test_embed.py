@@ -70,6 +70,21 @@ def test_interrupted_run_resumes_from_finished_shards(tmp_path, tiny, pairs):
     report = embed_pairs(pairs, tiny, tmp_path, shard_size=16, progress=False)
     assert (report.shards_reused, report.shards_written, report.n_pairs) == (2, 1, 40)
 
+    # other pairs into the same folder, interrupted: its pairs file is gone with the first shard it replaced,
+    # so the folder is not read as the old pairs over new features; a rerun completes it
+    others = SyntheticGenerator(2).dataset(10)
+
+    def failing_others():
+        yield from others[:16]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_pairs(failing_others(), tiny, tmp_path, shard_size=16, progress=False)
+    with pytest.raises(ValueError, match="did not finish"):
+        EmbeddingSet(tmp_path).pairs()
+    embed_pairs(others, tiny, tmp_path, shard_size=16, progress=False)
+    assert EmbeddingSet(tmp_path).pairs() == others
+
 
 def test_ray_data_path_equals_local(tmp_path, ray_cluster, tiny, pairs):
     from rewardprism.embed_ray import embed_pairs_ray

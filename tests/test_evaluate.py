@@ -1,6 +1,7 @@
 """The evaluation protocol, the synthetic known-truth checks, the CLI commands and the train_drm recipe."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from rewardprism.evaluate import (
     ScoredPairs,
     Split,
     calibrate_hyperprior,
+    drm_report,
     evaluate_adaptation,
     random_heads,
     rewardbench_scores,
@@ -131,6 +133,18 @@ def test_synthetic_heads_span_the_planted_directions_and_adaptation_nears_the_ce
     assert min(lost["principal_angle_cosines"]) < 0.9
 
 
+def test_real_data_with_attribute_ratings_is_evaluated_without_the_synthetic_checks():
+    data = linear_synthetic(per_user=40)
+    dec = PreferenceDecomposition(4).fit(data.chosen[data.train], data.rejected[data.train])
+    heads = build_head_set(dec, None, backbone="linear")
+    report = drm_report(data, heads, n_values=[5], methods=["hyre"], seeds=range(2), baselines=False)
+    assert "synthetic" in report
+    rated = [dataclasses.replace(p, group=f"team-{p.group}") for p in data.pairs]  # groups of its own
+    report = drm_report(Split.of(data.chosen, data.rejected, rated), heads, n_values=[5], methods=["hyre"],
+                        seeds=range(2), baselines=False)
+    assert "synthetic" not in report and {"team-cautious", "team-playful"} <= set(report["groups"])
+
+
 def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_agree():
     """Synthetic users weigh the attributes differently: the population head fits none of them well, and held-out
     users are scored best by moving far from it. Relabelled by one shared direction, everyone agrees with it."""
@@ -221,5 +235,9 @@ def test_train_drm_recipe_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["config"]["backbone"] == "tiny-bert" and report["head_set"]["num_heads"] == 9
     assert (tmp_path / "run" / "heads" / "headset.json").exists()
-    bad = subprocess.run(command + ["--n_components", "0"], check=False, cwd=root, capture_output=True, text=True)
-    assert bad.returncode == 2 and "n_components: must be at least 1" in bad.stderr
+    for extra, message in ((["--n_components", "0"], "n_components: must be at least 1"),
+                           (["--n_components", "abc"], "n_components: must be int, got 'abc'"),
+                           (["--config", str(tmp_path / "missing.yaml")], "--config: cannot read"),
+                           (["--n_values", "[40]"], "n=40 adaptation pairs but group")):  # after embedding
+        bad = subprocess.run(command + extra, check=False, cwd=root, capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

@@ -16,7 +16,7 @@ from rewardprism.drm import PreferenceDecomposition, build_head_set
 from rewardprism.embed import EmbeddingExtractor
 from rewardprism.heads import HeadSet
 from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, SyntheticGenerator
-from rewardprism.train import PairCollator, TrainRecipe, load_config, prepare_data
+from rewardprism.train import PairCollator, TrainRecipe, load_config, prepare_data, replacing
 from rewardprism.vrm import ConfigError, RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,30 @@ def test_rerunning_a_finished_run_needs_resume(tmp_path):
     (config.run_dir / "checkpoint_2026").mkdir(parents=True)
     with pytest.raises(ConfigError, match="^ray.resume"):
         TrainRecipe(config).setup()
+
+
+def test_the_export_never_replaces_a_folder_it_did_not_write(tmp_path):
+    thesis = tmp_path / "mine" / "thesis.tex"
+    thesis.parent.mkdir()
+    thesis.write_text("years of work")
+    with pytest.raises(ConfigError, match="^output_dir: .* is not an exported reward model"):
+        TrainRecipe(load_config(TINY, [f"ray.storage_path={tmp_path}", f"output_dir={thesis.parent}"])).setup()
+    assert thesis.read_text() == "years of work"
+
+
+def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_complete(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights").write_text("old")
+    with pytest.raises(RuntimeError), replacing(folder) as staged:  # an export that fails half way
+        staged.mkdir()
+        (staged / "weights").write_text("half")
+        raise RuntimeError("disk full")
+    assert (folder / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with replacing(folder) as staged:
+        staged.mkdir()
+        (staged / "weights").write_text("new")
+    assert (folder / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 # ----------------------------------------------------------------------------------------------- data

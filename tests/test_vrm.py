@@ -207,6 +207,18 @@ def test_export_reload_gives_identical_scores(tmp_path, kind, spec, padding_side
     torch.testing.assert_close(again.default_weights, model.default_weights)
 
 
+def test_a_bf16_model_scores_pairs_as_its_float32_self(tmp_path):
+    """bf16 is what `from_pretrained` gives on CUDA; the extractor's features are float32 whatever the model."""
+    from rewardprism.train import score_pairs
+
+    make_model().save_pretrained(tmp_path / "m")
+    pairs = SyntheticGenerator(0).dataset(2)
+    full = score_pairs(RewardModel.from_pretrained(tmp_path / "m", device="cpu"), pairs)
+    half = score_pairs(RewardModel.from_pretrained(tmp_path / "m", device="cpu", dtype=torch.bfloat16), pairs)
+    assert half.chosen.dtype == np.float32 and half.margins.shape == (len(pairs),)
+    np.testing.assert_allclose(half.margins, full.margins, atol=0.05 * np.abs(full.margins).max())
+
+
 @pytest.mark.parametrize("kind", ["vrm", "bt"])
 def test_head_set_scores_equal_model_scores(tmp_path, kind):
     model = make_model(kind).eval()

@@ -92,7 +92,7 @@ def adapt(
     chosen, rejected = data.load()
     keep = np.ones(len(chosen), dtype=bool)
     if group is not None:
-        keep = groups_of(data.pairs()) == group
+        keep = groups_of(_pairs(data, "--embeddings")) == group
         if not keep.any():
             fail(f"--group: no pairs in group {group!r}")
     idx = np.flatnonzero(keep)[:limit]
@@ -170,6 +170,15 @@ def _embeddings(path: Path, option: str):
         fail(f"{option}: {exc}")
 
 
+def _pairs(data, option: str) -> list:
+    from rewardprism.cli import fail
+
+    try:
+        return data.pairs()
+    except ValueError as exc:
+        fail(f"{option}: {exc}")
+
+
 def _head_set(path: Path):
     from rewardprism.cli import fail
     from rewardprism.heads import HeadSet
@@ -196,8 +205,9 @@ def _split_rows(data, split: str, test_fraction: float, seed: int) -> np.ndarray
         return None
     if split not in ("train", "test"):
         fail(f"--split: must be train, test or all, got {split!r}")
+    pairs = _pairs(data, "--embeddings")
     try:
-        train, test = split_by_prompt(data.pairs(), test_fraction, seed)
+        train, test = split_by_prompt(pairs, test_fraction, seed)
     except ValueError as exc:
         fail(f"--test-fraction: {exc}")
     return np.array(train if split == "train" else test, dtype=int)

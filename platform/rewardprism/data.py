@@ -80,8 +80,29 @@ class PreferencePair:
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
             raise DataError(f"must be a positive finite number, got {weight!r}", source=source, row=index,
                             field="weight")
-        return cls(prompt, chosen, rejected, row.get("group"), row.get("annotator"), row.get("attributes"),
-                   float(weight))
+        group, annotator = (_check_optional_text(row.get(name), source, index, name)
+                            for name in ("group", "annotator"))
+        attributes = _check_attributes(row.get("attributes"), source, index)
+        return cls(prompt, chosen, rejected, group, annotator, attributes, float(weight))
+
+
+def _check_optional_text(value: Any, source: str, row: int, name: str) -> str | None:
+    return None if value is None else _check_text(value, source, row, name)
+
+
+def _check_attributes(value: Any, source: str, row: int) -> dict[str, dict[str, float]] | None:
+    """Ratings of each side: {"chosen": {name: number}, "rejected": {name: number}} with the same names."""
+    if value is None:
+        return None
+    sides = ("chosen", "rejected")
+    if (not isinstance(value, dict) or set(value) != set(sides)
+            or not all(isinstance(value[s], dict) and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for k, v in value[s].items()) for s in sides)
+            or set(value["chosen"]) != set(value["rejected"])):
+        raise DataError('must be {"chosen": {name: number}, "rejected": {name: number}} with the same names',
+                        source=source, row=row, field="attributes")
+    return {s: {k: float(v) for k, v in value[s].items()} for s in sides}
 
 
 def _check_text(value: Any, source: str, row: int, name: str) -> str:
@@ -303,7 +324,7 @@ def iter_pairs(spec: str | Path, *, split: str = "train", fmt: str = "auto", lim
     """`load_pairs` as a stream, so embedding a large dataset never holds it all in memory."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p))
         if not files:
             raise DataError("folder holds no .json/.jsonl/.parquet files", source=str(path))
         stream = (p for f in files for p in iter_pairs(f, fmt=fmt, group=group, skip_bad_rows=skip_bad_rows))
@@ -312,7 +333,7 @@ def iter_pairs(spec: str | Path, *, split: str = "train", fmt: str = "auto", lim
     if path.exists():
         rows: Iterable[tuple[int, dict[str, Any]]] = read_records(path)
         source = str(path)
-    elif str(spec).startswith(("/", ".")) or _is_data_file(path):
+    elif str(spec).startswith(("/", ".")) or is_data_file(path):
         raise DataError("no such file", source=str(spec))
     else:
         rows, source = _hub_rows(str(spec), split), f"hub:{spec}[{split}]"
@@ -338,7 +359,7 @@ def iter_pairs(spec: str | Path, *, split: str = "train", fmt: str = "auto", lim
         yield pair
 
 
-def _is_data_file(path: Path) -> bool:
+def is_data_file(path: Path) -> bool:
     names = [s for s in path.suffixes if s != ".gz"]
     return bool(names) and names[-1] in {".json", ".jsonl", ".parquet"}
 

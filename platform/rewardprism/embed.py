@@ -132,6 +132,7 @@ class ShardWriter:
         name = _shard_name(number)
         tmp = self.out / f".{name}.tmp"
         save_file({"chosen": np.ascontiguousarray(chosen), "rejected": np.ascontiguousarray(rejected)}, tmp)
+        (self.out / PAIRS).unlink(missing_ok=True)  # no longer the pairs of these shards: rewritten at the end
         os.replace(tmp, self.out / name)
         self._add({"file": name, "start": 0, "stop": len(chosen), "fingerprint": fingerprint, "tokens": tokens})
 
@@ -266,4 +267,12 @@ class EmbeddingSet:
         return np.concatenate([c for c, _ in parts]), np.concatenate([r for _, r in parts])
 
     def pairs(self) -> list[PreferencePair]:
-        return load_pairs(self.path / PAIRS, fmt="canonical")
+        """The pairs, in the order of the features; a folder whose embedding run did not finish has none."""
+        if not (self.path / PAIRS).exists():
+            raise ValueError(f"{self.path} holds no {PAIRS}: the embedding run that wrote it did not finish; "
+                             "run `rewardprism embed` again to complete it")
+        pairs = load_pairs(self.path / PAIRS, fmt="canonical")
+        if len(pairs) != len(self):
+            raise ValueError(f"{self.path} holds {len(pairs)} pairs but {len(self)} embeddings: an embedding run "
+                             "into it did not finish; run `rewardprism embed` again to complete it")
+        return pairs

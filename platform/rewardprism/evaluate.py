@@ -32,6 +32,7 @@ from rewardprism.adapt import (
 from rewardprism.data import PreferencePair, groups_of, split_by_prompt
 from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
 from rewardprism.heads import HeadSet
+from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, is_synthetic, rating_matrix
 
 SEEDS = tuple(range(20))
 
@@ -361,7 +362,7 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
     report["hyperprior"] = {"center": heads.hyperprior_center or DEFAULT_STRENGTH,
                             "calibrated": heads.hyperprior_center is not None,
                             "calibration": heads.info.get("hyperprior_calibration")}
-    if all(p.attributes for p in data.pairs):
+    if is_synthetic(data.pairs):  # real data may carry attribute ratings too: only the generator's have a truth
         report["synthetic"] = synthetic_report(data, heads, n=15 if 15 in n_values else n_values[0], seeds=seeds,
                                                methods=methods)
     if is_rewardbench(test.groups):
@@ -411,10 +412,8 @@ def synthetic_report(data: Split, heads: HeadSet, *, n: int = 15, seeds: Sequenc
     pairs against the sampled labels and against the user's true utility (pairs of equal utility left out).
     """
     from rewardprism.adapt import bt
-    from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, rating_matrix
-
     users = {u.name: u for u in DEFAULT_USERS}
-    if any(p.attributes is None or p.group not in users for p in data.pairs):
+    if not is_synthetic(data.pairs):
         raise ValueError("synthetic checks need pairs from rewardprism.synthetic (attributes and a known user)")
     train = [data.pairs[i] for i in data.train]
     gaps = rating_matrix(train, "chosen") - rating_matrix(train, "rejected")

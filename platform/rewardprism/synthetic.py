@@ -137,6 +137,16 @@ def _stable_id(name: str) -> int:
     return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
 
 
+def is_synthetic(pairs: list[PreferencePair]) -> bool:
+    """Pairs this generator made: each from one of its users and rated on all of its attributes."""
+    users = {u.name for u in DEFAULT_USERS}
+    return bool(pairs) and all(
+        p.group in users and isinstance(p.attributes, dict)
+        and all(isinstance(p.attributes.get(side), dict) and set(ATTRIBUTES) <= set(p.attributes[side])
+                for side in ("chosen", "rejected"))
+        for p in pairs)
+
+
 def rating_matrix(pairs: list[PreferencePair], side: str) -> np.ndarray:
     """(N, len(ATTRIBUTES)) ratings of the chosen or rejected responses."""
     return np.array([[p.attributes[side][a] for a in ATTRIBUTES] for p in pairs])

@@ -15,16 +15,18 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +39,7 @@ import yaml
 from rewardprism.backbone import Backbone, load_backbone
 from rewardprism.data import DataError, PreferencePair, render, render_prompt, split_by_prompt
 from rewardprism.embed import EmbeddingExtractor
-from rewardprism.vrm import ConfigError, RewardModel, RewardModelConfig
+from rewardprism.vrm import CONFIG_FILE, ConfigError, RewardModel, RewardModelConfig
 
 DS_TAG = "deepspeed"  # DeepSpeed's sub-folder inside each Ray checkpoint
 EXPORT_DIR = "model"  # the exported model inside the final Ray checkpoint
@@ -144,10 +146,15 @@ class RecipeConfig:
         return Path(self.ray.storage_path).expanduser().resolve() / self.ray.name
 
     def check_run_dir(self) -> None:
-        """Ray continues any run it finds under the same name; make that a choice, not a surprise."""
+        """Ray continues any run it finds under the same name; make that a choice, not a surprise. The export
+        replaces `output_dir`: only an empty folder or an earlier export may be there."""
         if not self.ray.resume and self.run_dir.exists() and any(self.run_dir.glob("checkpoint_*")):
             raise ConfigError("ray.resume", f"{self.run_dir} holds checkpoints of an earlier run: set ray.resume: "
                                             "true to continue it, or choose another ray.name")
+        out = self.export_dir
+        if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_FILE).exists())):
+            raise ConfigError("output_dir", f"{out} exists and is not an exported reward model (no {CONFIG_FILE}); "
+                                            "choose a new or empty folder")
 
     @property
     def export_dir(self) -> Path:
@@ -159,14 +166,7 @@ class RecipeConfig:
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RecipeConfig:
     """A YAML file plus `key.sub=value` overrides (values parsed as YAML) → a validated `RecipeConfig`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError("--config", f"no such file: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError("--config", f"{path} must hold a mapping of sections (model, data, train, ray)")
+    data = read_config_file(path) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -179,6 +179,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
                 raise ConfigError(key, f"{part} is not a section")
         node[leaf] = yaml.safe_load(value)
     return from_dict(RecipeConfig, data, "")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; a missing, unreadable or malformed file is an error on --config."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
 
 
 def from_dict(cls: type, data: Any, where: str) -> Any:
@@ -629,15 +643,15 @@ def score_pairs(model: RewardModel, pairs: list[PreferencePair]) -> PairScores:
     """Features by the length-sorted batched extractor, then the heads at the posterior means."""
     extractor = EmbeddingExtractor(model.backbone)
     chosen, rejected, _ = extractor.embed_pairs(pairs)  # (N, d) each
-    device = model.backbone.device
+    device, dtype = model.backbone.device, model.heads["score"].weight.dtype  # features come back as float32
 
     def heads(features: np.ndarray) -> np.ndarray:
-        return model.objective_scores(torch.from_numpy(features).to(device)).float().cpu().numpy()
+        return model.objective_scores(torch.from_numpy(features).to(device, dtype)).float().cpu().numpy()
 
     if model.is_vrm:
         prompts, _ = extractor.embed_texts([render_prompt(p.prompt, model.backbone.tokenizer) for p in pairs],
                                            model.config.prompt_max_length)
-        weights = model.expected_weights(torch.from_numpy(prompts).to(device)).float().cpu().numpy()
+        weights = model.expected_weights(torch.from_numpy(prompts).to(device, dtype)).float().cpu().numpy()
     else:
         weights = np.ones((len(pairs), 1), dtype=np.float32)
     return PairScores(weights, heads(chosen), heads(rejected))
@@ -672,8 +686,9 @@ def evaluate_model(model: RewardModel, train: list[PreferencePair], held_out: li
             held = groups == g
             personalized[g] = float((((scores.chosen[held] - scores.rejected[held]) @ weights[0]) > 0).mean())
         result["personalized_accuracy_by_group"] = personalized
-    if all(p.attributes for p in held_out):
-        names = sorted(held_out[0].attributes["chosen"])
+    names = sorted(set.intersection(*(set(p.attributes["chosen"]) for p in held_out))) \
+        if held_out and all(p.attributes for p in held_out) else []  # the ratings every pair carries
+    if names:
         ratings = np.array([[p.attributes[side][n] for n in names] for side in ("chosen", "rejected")
                             for p in held_out])  # (2N, A)
         objectives = np.concatenate([scores.chosen, scores.rejected])  # (2N, K)
@@ -684,6 +699,24 @@ def evaluate_model(model: RewardModel, train: list[PreferencePair], held_out: li
 
 
 # ----------------------------------------------------------------------------------------------- driver
+
+@contextlib.contextmanager
+def replacing(folder: Path) -> Iterator[Path]:
+    """A staging path next to `folder` that replaces it once the block succeeds; on failure `folder` stays as
+    it was. (Between the two renames an interruption leaves the old one at `.<name>.old`, never nothing.)"""
+    staged, old = folder.with_name(f".{folder.name}.new"), folder.with_name(f".{folder.name}.old")
+    for leftover in (staged, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staged, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
 
 class TrainRecipe:
     """The driver, in torchtune's recipe shape.
@@ -738,17 +771,16 @@ class TrainRecipe:
     def save_checkpoint(self) -> dict[str, Any]:
         """Copy the exported model out of the final Ray checkpoint, add its head set, evaluate it."""
         start, out = time.perf_counter(), self.config.export_dir
-        with self.result.checkpoint.as_directory() as folder:
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(Path(folder) / EXPORT_DIR, out)
-        model = RewardModel.from_pretrained(out, device="cpu")
-        model.to_head_set(str(out), name=self.config.ray.name, dataset=self.config.data.source).save(out / HEADSET_DIR)
-        metrics = {"train": {k: v for k, v in self.result.metrics.items() if isinstance(v, (int, float))},
-                   "eval": evaluate_model(model, self.data.train, self.data.eval,
-                                          personalize=self.config.train.personalize),
-                   "config": self.config.to_dict()}
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+        with self.result.checkpoint.as_directory() as folder, replacing(out) as staged:
+            shutil.copytree(Path(folder) / EXPORT_DIR, staged)
+            model = RewardModel.from_pretrained(staged, device="cpu")
+            model.to_head_set(str(out), name=self.config.ray.name,
+                              dataset=self.config.data.source).save(staged / HEADSET_DIR)
+            metrics = {"train": {k: v for k, v in self.result.metrics.items() if isinstance(v, (int, float))},
+                       "eval": evaluate_model(model, self.data.train, self.data.eval,
+                                              personalize=self.config.train.personalize),
+                       "config": self.config.to_dict()}
+            (staged / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
         log.info("exported and evaluated %s (%.0f s)", out, time.perf_counter() - start)
         return metrics
 
