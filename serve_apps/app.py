@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import logging
 import sys
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +37,21 @@ from serve_apps.settings import ServeSettings
 # glibc keeps the memory freed after each batch for reuse, but batches come in ever new shapes, so a busy
 # replica grew by ~65 MiB/min and never gave it back; trimming after every batch keeps it flat at no measurable
 # cost (bench/bench_serve.py, BENCHMARKS.md). Elsewhere (macOS, musl) nothing is done.
+log = logging.getLogger("rewardprism.serve")
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+# A batch runs as soon as it holds `batch_max_texts` texts; until then it waits for more up to this share of
+# what a full batch recently cost (`batch_wait_s` unset). On CPU a batch of 64 texts takes over a second, and
+# the clients of the batch that just finished are still on their way back through the proxy: without the wait
+# batches split into ever smaller ones (docs/serve.md). On a GPU the same share is a few milliseconds.
+BATCH_WAIT_SHARE = 0.1
+FIRST_BATCH_WAIT_S = 0.005  # until a pass has been timed
+
+
+def batch_texts(requests: list[tuple[HeadSetRef, ScoreJob, int]]) -> int:
+    """A batch's size in texts (each request's count, capped when it was queued), not in requests."""
+    return sum(texts for _, _, texts in requests)
 
 
 def score_and_trim(scorer: BatchScorer, heads: HeadSet, jobs: list[ScoreJob]) -> list[ScoredJob]:
@@ -49,6 +65,8 @@ def score_and_trim(scorer: BatchScorer, heads: HeadSet, jobs: list[ScoreJob]) ->
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class Embedder:
     def __init__(self):
+        self.text_seconds: float | None = None  # recent forward-pass seconds per text (a moving average)
+        self.batch_wait = FIRST_BATCH_WAIT_S
         self.apply(ServeSettings.from_env())
         self.scorers: dict[str, BatchScorer] = {}  # by backbone spec: normally one
         # One thread runs every forward pass: the event loop stays free to gather the next batch, and the memory
@@ -63,8 +81,25 @@ class Embedder:
 
     def apply(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self._batch.set_max_batch_size(settings.batch_max_requests)
-        self._batch.set_batch_wait_timeout_s(settings.batch_wait_s)
+        self._batch.set_max_batch_size(settings.batch_max_texts)
+        self.set_batch_wait()
+
+    def set_batch_wait(self) -> None:
+        wait = self.settings.batch_wait_s
+        if wait is None:
+            wait = FIRST_BATCH_WAIT_S if self.text_seconds is None else \
+                min(1.0, BATCH_WAIT_SHARE * self.text_seconds * self.settings.batch_max_texts)
+        if abs(wait - self.batch_wait) > 0.25 * self.batch_wait:
+            log.info("batch wait %.3f s (%.1f ms per text)", wait, 1000 * (self.text_seconds or 0.0))
+        self.batch_wait = wait
+        self._batch.set_batch_wait_timeout_s(wait)
+
+    def timed(self, seconds: float, texts: int) -> None:
+        """Fold one forward pass into the per-text cost the batch wait follows."""
+        if texts:
+            rate = seconds / texts
+            self.text_seconds = rate if self.text_seconds is None else 0.9 * self.text_seconds + 0.1 * rate
+            self.set_batch_wait()
 
     def scorer(self, spec: str) -> BatchScorer:
         if spec not in self.scorers:
@@ -82,24 +117,28 @@ class Embedder:
         return heads
 
     async def score(self, ref: HeadSetRef, job: ScoreJob) -> ScoredJob:
-        result = await self._batch((ref, job))
+        # A request larger than a whole batch counts as one whole batch: it runs alone.
+        result = await self._batch((ref, job, min(len(job.items), self.settings.batch_max_texts)))
         if isinstance(result, Exception):
             raise result
         return result
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batch(self, requests: list[tuple[HeadSetRef, ScoreJob]]) -> list[ScoredJob | Exception]:
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=FIRST_BATCH_WAIT_S, batch_size_fn=batch_texts)
+    async def _batch(self, requests: list[tuple[HeadSetRef, ScoreJob, int]]) -> list[ScoredJob | Exception]:
         """All requests in one forward pass per head set (normally one); a failing group fails only itself."""
         groups: dict[HeadSetRef, list[int]] = defaultdict(list)
-        for i, (ref, _) in enumerate(requests):
+        for i, (ref, _, _) in enumerate(requests):
             groups[ref].append(i)
         results: list[ScoredJob | Exception] = [ValueError("not scored")] * len(requests)
         for ref, members in groups.items():
             try:
                 heads = self.head_set(ref)
                 scorer = self.scorer(self.settings.backbone or ref.backbone)
+                jobs = [requests[i][1] for i in members]
+                started = time.perf_counter()
                 scored = await asyncio.get_running_loop().run_in_executor(
-                    self.compute, score_and_trim, scorer, heads, [requests[i][1] for i in members])
+                    self.compute, score_and_trim, scorer, heads, jobs)
+                self.timed(time.perf_counter() - started, sum(len(job.items) for job in jobs))
             except Exception as exc:  # noqa: BLE001 (handed to each caller of the group, who re-raises it)
                 scored = [exc] * len(members)
             for i, result in zip(members, scored):

@@ -37,8 +37,10 @@ class ServeSettings(BaseModel):
     token_budget: int | None = Field(None, ge=64, description="padded tokens per forward pass (default: the "
                                                                "device's, `rewardprism.embed.default_token_budget`)")
     max_batch: int = Field(64, ge=1, description="texts per forward pass")
-    batch_max_requests: int = Field(32, ge=1, le=1024, description="requests gathered by one @serve.batch")
-    batch_wait_s: float = Field(0.005, ge=0, le=1)
+    batch_max_texts: int = Field(64, ge=1, le=4096, description="texts gathered by one @serve.batch: it runs as "
+                                                                  "soon as this many wait (a larger request alone)")
+    batch_wait_s: float | None = Field(None, ge=0, le=1, description="how long a batch waits for more requests; "
+                                       "unset: a tenth of what a full batch (batch_max_texts) recently cost")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="larger bodies get 413")
     max_responses: int = Field(64, ge=1, le=1024, description="responses per score request; more get 422")
     unknown_user: Literal["default", "404"] = "default"
@@ -101,7 +103,7 @@ def env_name(field: str) -> str:
 
 
 ENV = {field: env_name(field) for field in ServeSettings.model_fields}
-LIVE = frozenset({"over_length", "batch_max_requests", "batch_wait_s", "max_request_bytes", "max_responses",
+LIVE = frozenset({"over_length", "batch_max_texts", "batch_wait_s", "max_request_bytes", "max_responses",
                   "unknown_user", "adaptation", "version_check_timeout_s", "auth_cache_s"})
 
 
