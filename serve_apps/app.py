@@ -37,7 +37,7 @@ from serve_apps.settings import ServeSettings
 # glibc keeps the memory freed after each batch for reuse, but batches come in ever new shapes, so a busy
 # replica grew by ~65 MiB/min and never gave it back; trimming after every batch keeps it flat at no measurable
 # cost (bench/bench_serve.py, BENCHMARKS.md). Elsewhere (macOS, musl) nothing is done.
-log = logging.getLogger("rewardprism.serve")
+log = logging.getLogger("ray.serve.rewardprism")  # under ray.serve: its handlers write the replica logs
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 
 

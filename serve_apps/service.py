@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 from serve_apps import data, schemas
 from serve_apps.settings import ServeSettings
 
-log = logging.getLogger("rewardprism.serve")
+log = logging.getLogger("ray.serve.rewardprism")  # under ray.serve: its handlers write the replica logs
 T = TypeVar("T")
 R = TypeVar("R")
 
