@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
 import sys
 import time
 from collections import defaultdict
@@ -37,16 +36,16 @@ from serve_apps.settings import ServeSettings
 # glibc keeps the memory freed after each batch for reuse, but batches come in ever new shapes, so a busy
 # replica grew by ~65 MiB/min and never gave it back; trimming after every batch keeps it flat at no measurable
 # cost (bench/bench_serve.py, BENCHMARKS.md). Elsewhere (macOS, musl) nothing is done.
-log = logging.getLogger("ray.serve.rewardprism")  # under ray.serve: its handlers write the replica logs
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 
 
 # A batch runs as soon as it holds `batch_max_texts` texts; until then it waits for more up to this share of
-# what a full batch recently cost (`batch_wait_s` unset). On CPU a batch of 64 texts takes over a second, and
+# what the last batch took (`batch_wait_s` unset). Under a full load on CPU a batch takes over a second, and
 # the clients of the batch that just finished are still on their way back through the proxy: without the wait
-# batches split into ever smaller ones (docs/serve.md). On a GPU the same share is a few milliseconds.
+# batches split into ever smaller ones (docs/serve.md). Under a light load batches are small and quick, so the
+# wait is too; on a GPU it is milliseconds.
 BATCH_WAIT_SHARE = 0.1
-FIRST_BATCH_WAIT_S = 0.005  # until a pass has been timed
+FIRST_BATCH_WAIT_S = 0.005  # until a batch has been timed
 
 
 def batch_texts(requests: list[tuple[HeadSetRef, ScoreJob, int]]) -> int:
@@ -65,8 +64,7 @@ def score_and_trim(scorer: BatchScorer, heads: HeadSet, jobs: list[ScoreJob]) ->
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class Embedder:
     def __init__(self):
-        self.text_seconds: float | None = None  # recent forward-pass seconds per text (a moving average)
-        self.batch_wait = FIRST_BATCH_WAIT_S
+        self.last_batch_s: float | None = None  # how long the last batch's forward passes took
         self.apply(ServeSettings.from_env())
         self.scorers: dict[str, BatchScorer] = {}  # by backbone spec: normally one
         # One thread runs every forward pass: the event loop stays free to gather the next batch, and the memory
@@ -87,19 +85,13 @@ class Embedder:
     def set_batch_wait(self) -> None:
         wait = self.settings.batch_wait_s
         if wait is None:
-            wait = FIRST_BATCH_WAIT_S if self.text_seconds is None else \
-                min(1.0, BATCH_WAIT_SHARE * self.text_seconds * self.settings.batch_max_texts)
-        if abs(wait - self.batch_wait) > 0.25 * self.batch_wait:
-            log.info("batch wait %.3f s (%.1f ms per text)", wait, 1000 * (self.text_seconds or 0.0))
-        self.batch_wait = wait
+            wait = FIRST_BATCH_WAIT_S if self.last_batch_s is None else min(1.0, BATCH_WAIT_SHARE * self.last_batch_s)
         self._batch.set_batch_wait_timeout_s(wait)
 
-    def timed(self, seconds: float, texts: int) -> None:
-        """Fold one forward pass into the per-text cost the batch wait follows."""
-        if texts:
-            rate = seconds / texts
-            self.text_seconds = rate if self.text_seconds is None else 0.9 * self.text_seconds + 0.1 * rate
-            self.set_batch_wait()
+    def timed(self, seconds: float) -> None:
+        """The last batch's cost, which the next batch's wait follows."""
+        self.last_batch_s = seconds
+        self.set_batch_wait()
 
     def scorer(self, spec: str) -> BatchScorer:
         if spec not in self.scorers:
@@ -138,7 +130,7 @@ class Embedder:
                 started = time.perf_counter()
                 scored = await asyncio.get_running_loop().run_in_executor(
                     self.compute, score_and_trim, scorer, heads, jobs)
-                self.timed(time.perf_counter() - started, sum(len(job.items) for job in jobs))
+                self.timed(time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 (handed to each caller of the group, who re-raises it)
                 scored = [exc] * len(members)
             for i, result in zip(members, scored):

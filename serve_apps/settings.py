@@ -40,7 +40,7 @@ class ServeSettings(BaseModel):
     batch_max_texts: int = Field(64, ge=1, le=4096, description="texts gathered by one @serve.batch: it runs as "
                                                                   "soon as this many wait (a larger request alone)")
     batch_wait_s: float | None = Field(None, ge=0, le=1, description="how long a batch waits for more requests; "
-                                       "unset: a tenth of what a full batch (batch_max_texts) recently cost")
+                                       "unset: a tenth of what the last batch took")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="larger bodies get 413")
     max_responses: int = Field(64, ge=1, le=1024, description="responses per score request; more get 422")
     unknown_user: Literal["default", "404"] = "default"

@@ -216,24 +216,25 @@ def test_profile_cache_serves_only_the_current_version():
     assert cache.latest("ann") is None and len(cache) == 2  # least recently used goes first
 
 
-def test_batch_wait_follows_the_cost_of_a_full_forward_pass():
-    """Unset, a batch waits a tenth of what a full batch of texts recently cost (CPU: ~0.15 s; GPU:
-    milliseconds); a fixed batch_wait_s wins. The Embedder class alone, outside Serve."""
+def test_batch_wait_follows_what_the_last_batch_took():
+    """Unset, a batch waits for more texts up to a tenth of the last batch's forward passes: long after a full
+    CPU batch, short after a small one or on a GPU; a fixed batch_wait_s wins. The Embedder class alone."""
     from serve_apps.app import BATCH_WAIT_SHARE, FIRST_BATCH_WAIT_S, Embedder
     from serve_apps.settings import ServeSettings
 
     embedder = Embedder.func_or_class.__new__(Embedder.func_or_class)
-    embedder.text_seconds, embedder.batch_wait = None, FIRST_BATCH_WAIT_S
-    embedder.apply(ServeSettings(batch_max_texts=64))
+    embedder.last_batch_s = None
+    embedder.apply(ServeSettings())
     wait = embedder._batch._get_batch_wait_timeout_s
     assert wait() == FIRST_BATCH_WAIT_S
-    embedder.timed(1.6, 64)  # a CPU pass: 25 ms per text
+    embedder.timed(1.6)  # 64 texts on one CPU core
     assert wait() == pytest.approx(BATCH_WAIT_SHARE * 1.6)
-    for _ in range(60):
-        embedder.timed(0.0002 * 8, 8)  # a GPU's small batches: the wait follows the cost per text, not per pass
-    assert wait() < 0.01
-    embedder.apply(ServeSettings(batch_max_texts=64, batch_wait_s=0.05))
-    embedder.timed(1.6, 64)
+    embedder.timed(0.02)  # a few texts, or a GPU
+    assert wait() == pytest.approx(BATCH_WAIT_SHARE * 0.02)
+    embedder.timed(60.0)
+    assert wait() == 1.0  # never more than a second
+    embedder.apply(ServeSettings(batch_wait_s=0.05))
+    embedder.timed(1.6)
     assert wait() == 0.05
 
 
