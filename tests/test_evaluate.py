@@ -53,6 +53,8 @@ def test_sampling_errors_name_the_group():
         sample_adaptation(pairs, 0)
     with pytest.raises(ValueError, match="group 'c' has no pairs"):
         sample_adaptation(pairs, 2, groups=["c"])
+    with pytest.raises(ValueError, match="n=3 adaptation pairs would leave none of group 'b'"):  # not nan
+        evaluate_adaptation(pairs, 3, method="hyre", seeds=range(2))
 
 
 def test_reference_and_honest_accuracy_against_a_direct_loop():
