@@ -157,6 +157,26 @@ def test_head_set_layout_defaults_and_round_trip(tmp_path):
     assert loaded.content_hash == heads.content_hash and loaded.info["n_components"] == 3
 
 
+def test_saving_over_a_head_set_switches_versions_in_one_step(tmp_path, monkeypatch):
+    """New tensors are written beside the old ones; headset.json, replaced last, names which to read. A save
+    that stops before that step leaves the old head set whole, one that finishes leaves only the new files."""
+    chosen, rejected, _ = structured_pairs()
+    old = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), None, backbone="test")
+    new = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), None, backbone="test")
+    old.save(tmp_path / "h")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(HeadSet, "metadata", interrupted)  # called after the new tensors are on disk
+        with pytest.raises(KeyboardInterrupt):
+            new.save(tmp_path / "h")
+    assert HeadSet.load(tmp_path / "h").content_hash == old.content_hash
+    new.save(tmp_path / "h")
+    assert HeadSet.load(tmp_path / "h").content_hash == new.content_hash
+    assert [p.name for p in (tmp_path / "h").glob("*.safetensors")] == [f"heads-{new.content_hash}.safetensors"]
+
+
 def test_mean_profile_is_the_calibrated_mean_direction():
     chosen, rejected, _ = structured_pairs()
     dec = PreferenceDecomposition(3).fit(chosen, rejected)

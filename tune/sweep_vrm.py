@@ -24,7 +24,15 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rewardprism.data import DataError
-from rewardprism.train import EXPORT_DIR, RecipeConfig, from_dict, load_config, prepare_data, steps_per_epoch
+from rewardprism.train import (
+    EXPORT_DIR,
+    RecipeConfig,
+    from_dict,
+    load_config,
+    prepare_data,
+    replacing,
+    steps_per_epoch,
+)
 from rewardprism.vrm import ConfigError
 from sweeps import (
     BEST_DIR,
@@ -227,10 +235,10 @@ def export_best(row: dict[str, Any], group: list[dict], recipe: dict[str, Any], 
     from rewardprism.vrm import RewardModel
 
     folder = run.experiment_dir / BEST_DIR
-    if (folder / "model").exists():  # a finished sweep reported again (--resume): the best may have changed
-        shutil.rmtree(folder / "model")
-    with ray.train.Checkpoint(row["checkpoint_path"]).as_directory() as checkpoint:
-        shutil.copytree(Path(checkpoint) / EXPORT_DIR, folder / "model")
+    # a finished sweep reported again (--resume) replaces its earlier best, which may have changed
+    with ray.train.Checkpoint(row["checkpoint_path"]).as_directory() as checkpoint, \
+            replacing(folder / "model") as staged:
+        shutil.copytree(Path(checkpoint) / EXPORT_DIR, staged)
     params = {k: row[f"config/{k}"] for k in [*keys, SEED]}
     config = trial_recipe(recipe, {**params, "ray.name": f"{run.name}-best"})
     model = RewardModel.from_pretrained(folder / "model", device="cpu")

@@ -4,10 +4,12 @@ DRM's principal directions and VRM's objective scores are both head sets: scores
 user's profile is a weight vector over those heads plus a bias, so one personalized score is S · w + c.
 Serving, storage and adaptation see only this shape, whichever method made the heads.
 
-Saved as a folder: `heads.safetensors` (weight (H, d), bias (H,), default_weights (H,)) and `headset.json`
-(name, version, kind, backbone, dim, num_heads, head_names, default_weights, content_hash, created, dataset,
-and method-specific `info` such as explained variance). The content hash covers the tensors and the fields
-that change scores, so a registry can tell two versions apart.
+Saved as a folder: `heads-<content hash>.safetensors` (weight (H, d), bias (H,), default_weights (H,)) and
+`headset.json` (name, version, kind, backbone, dim, num_heads, head_names, default_weights, content_hash,
+created, dataset, `tensors`: that file's name, and method-specific `info` such as explained variance). Saving
+over a head set writes the new tensors beside the old ones and then replaces `headset.json`, the one step that
+switches versions, so an interruption leaves the old head set or the new one, never a mix. The content hash
+covers the tensors and the fields that change scores, so a registry can tell two versions apart.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 Kind = Literal["drm", "vrm", "bt"]
 META = "headset.json"
-TENSORS = "heads.safetensors"
+TENSORS = "heads.safetensors"  # what folders saved before 2026-12 hold
 
 
 @dataclass
@@ -93,11 +95,15 @@ class HeadSet:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{TENSORS}.tmp"
+        tensors = f"heads-{self.content_hash}.safetensors"
+        tmp = path / f".{tensors}.tmp"
         save_file({"weight": self.weight, "bias": self.bias, "default_weights": self.default_weights}, tmp)
-        os.replace(tmp, path / TENSORS)
-        (path / f".{META}.tmp").write_text(json.dumps(self.metadata(), indent=1))
-        os.replace(path / f".{META}.tmp", path / META)
+        os.replace(tmp, path / tensors)
+        (path / f".{META}.tmp").write_text(json.dumps({**self.metadata(), "tensors": tensors}, indent=1))
+        os.replace(path / f".{META}.tmp", path / META)  # the switch from the old version to this one
+        for old in path.glob("heads*.safetensors"):
+            if old.name != tensors:
+                old.unlink()
         return path
 
     @classmethod
@@ -107,7 +113,10 @@ class HeadSet:
             raise FileNotFoundError(f"{path} is not a head set folder (no {META})")
         try:  # a hand-edited or truncated folder is bad input (ValueError), whichever part of it is wrong
             meta = json.loads((path / META).read_text())
-            tensors = load_file(path / TENSORS)
+            tensors = meta.get("tensors", TENSORS)  # TENSORS: folders saved before the name carried the hash
+            if not isinstance(tensors, str) or Path(tensors).name != tensors:
+                raise ValueError(f"{path}: 'tensors' must name a file in the folder, got {tensors!r}")
+            tensors = load_file(path / tensors)
             heads = cls(tensors["weight"], tensors["bias"], meta["head_names"], meta["kind"], meta["backbone"],
                         tensors["default_weights"], meta["name"], meta["version"], meta.get("dataset", ""),
                         meta.get("info", {}), meta["created"])
