@@ -666,7 +666,8 @@ def test_activating_another_head_set_switches_scoring_live(service, tmp_path):
                                             ["head_set"] == "default@1" for _ in range(8)))
         assert http.post("/admin/head-sets", json={"uri": str(tmp_path / "nowhere")}).status_code == 422
         broken = other.save(tmp_path / "broken")  # a hand-edited headset.json: 422 naming the uri, not a 500
-        for meta in ("[1]", json.dumps({k: v for k, v in other.metadata().items() if k != "head_names"})):
+        saved = json.loads((broken / "headset.json").read_text())
+        for meta in ("[1]", json.dumps({k: v for k, v in saved.items() if k != "head_names"})):
             (broken / "headset.json").write_text(meta)
             refused = http.post("/admin/head-sets", json={"uri": str(broken)})
             assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "uri"]
