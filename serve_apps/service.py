@@ -286,6 +286,8 @@ class ScoringService:
             raise ApiError(422, str(exc)) from None
         except sa.exc.DataError:  # a value the database cannot hold (out of range, bad encoding)
             raise ApiError(422, "a value in the request cannot be stored") from None
+        except sa.exc.IntegrityError:  # a concurrent writer got there first (unique or one-active constraints)
+            raise ApiError(409, "a concurrent change conflicts with this one; retry") from None
         except store.NotFound as exc:
             raise ApiError(404, str(exc)) from None
         except (store.AlreadyExists, store.ProfileConflict) as exc:

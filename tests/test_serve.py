@@ -460,6 +460,30 @@ def test_a_user_deleted_and_created_again_elsewhere_is_not_scored_with_the_old_p
     assert Lookups.results == ["miss", "miss"]
 
 
+def test_a_constraint_a_concurrent_writer_trips_is_a_409_not_a_500(service):
+    """E.g. two activations at once meeting the one-active-version index: the loser is told to retry."""
+    import asyncio
+
+    from serve_apps import service as service_module
+    from serve_apps.settings import ServeSettings
+
+    def concurrent_insert(session):  # as if alice were created elsewhere after this writer checked: the index
+        session.add(store.User(external_id="alice", meta={}))
+        session.flush()
+
+    async def write() -> None:
+        scoring = service_module.ScoringService(ServeSettings(database_url=service.database), embed=None,
+                                                metrics=None)
+        try:
+            await scoring.write(concurrent_insert)
+        finally:
+            await scoring.close()
+
+    with pytest.raises(service_module.ApiError, match="retry") as info:
+        asyncio.run(write())
+    assert info.value.status == 409
+
+
 def test_bootstrap_admin_key_creates_lists_and_revokes_keys(service, db):
     """REWARDPRISM_ADMIN_KEY works for admin calls (e.g. the first keys) and is audited; a near miss is 401."""
     with service.client(BOOTSTRAP_KEY) as http:
