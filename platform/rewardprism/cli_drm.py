@@ -48,13 +48,14 @@ def decompose(
 
         ray_lib.init(ignore_reinit_error=True)
     try:
-        if population_head or calibrate:  # these need the pairs in memory: decompose them there too, read once
+        in_memory = population_head or calibrate  # these need the pairs loaded: decompose them there too
+        if in_memory:
             rows = np.arange(len(data)) if rows is None else rows
             chosen, rejected = (features[rows] for features in data.load())
-        if ray or not (population_head or calibrate):
-            decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
-        else:
+        if in_memory and not ray:
             decomposition = PreferenceDecomposition(components).fit(chosen, rejected)
+        else:
+            decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
         population = fit_population_head(chosen, rejected) if population_head else None
         heads = build_head_set(decomposition, population, backbone=data.backbone, name=name, version=version,
                                dataset=f"{data.index.get('dataset') or embeddings} [{split}]")

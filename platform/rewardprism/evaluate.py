@@ -128,7 +128,7 @@ def evaluate_adaptation(test: ScoredPairs, n: int, *, method: Method, prior: np.
     source = test if same else source
     if source.chosen.shape[1] != test.chosen.shape[1]:
         raise ValueError(f"source has {source.chosen.shape[1]} heads, test {test.chosen.shape[1]}")
-    spent = [g for g in test.group_names if same and len(test.indices(g)) == n]
+    spent = [g for g in test.group_names if len(test.indices(g)) == n] if same else []
     if spent:  # the reference variant could still score them, the honest one has nothing left
         raise ValueError(f"n={n} adaptation pairs would leave none of group {spent[0]!r}'s {n} pairs to test on")
     picks = sample_adaptation(source, n, seeds, test.group_names)
