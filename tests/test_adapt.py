@@ -166,3 +166,20 @@ def test_clear_errors():
         bt(chosen, rejected, strength=0.0)
     with pytest.raises(ValueError, match="temperature must be positive"):
         hyre(chosen, rejected, temperature=0)
+
+
+def test_hyre_checks_each_block_for_nan_and_ignores_padding(monkeypatch):
+    """HyRe checks finiteness block by block (no extra pass over all users): a NaN or inf in any block's real
+    pairs is an error, whatever is in the padding is not."""
+    monkeypatch.setattr("rewardprism.adapt.USER_BLOCK", 2)
+    chosen, rejected = random_users(5, 4, 3)
+    mask = np.ones((5, 4), dtype=bool)
+    mask[4, 3] = False
+    padded = chosen.copy()
+    padded[4, 3] = np.nan  # padding, in the last block
+    np.testing.assert_array_equal(hyre(padded, rejected, mask)[0], hyre(chosen, rejected, mask)[0])
+    for bad_value in (np.nan, np.inf):
+        bad = rejected.copy()
+        bad[4, 0, 1] = bad_value  # a real pair of the last block
+        with pytest.raises(ValueError, match="NaN or inf"):
+            hyre(chosen, bad, mask)

@@ -147,6 +147,31 @@ def test_real_data_with_attribute_ratings_is_evaluated_without_the_synthetic_che
     assert "synthetic" not in report and {"team-cautious", "team-playful"} <= set(report["groups"])
 
 
+def test_report_gives_the_head_sets_own_ceiling_and_its_share_of_the_gap():
+    """The best profile over the heads, fitted on every training pair (as scikit-learn's C=1 logistic regression
+    on the head scores), and how much of the population → supervised gap it could recover at all."""
+    from sklearn.linear_model import LogisticRegression
+
+    data = linear_synthetic(per_user=80)
+    train_c, train_r = data.chosen[data.train], data.rejected[data.train]
+    dec = PreferenceDecomposition(1).fit(train_c, train_r)  # ±pc0 only: a narrow span
+    one_user = np.array([data.pairs[i].group == "concise" for i in data.train])  # a population that differs
+    heads = build_head_set(dec, fit_population_head(train_c[one_user], train_r[one_user]), backbone="linear")
+    report = drm_report(data, heads, n_values=[5], methods=["hyre"], seeds=range(2))
+    rows = {row["label"]: row["reference"]["overall"][0] for row in report["rows"]}
+    label = f"best profile over these heads, all {len(data.train)} training pairs"
+
+    x = heads.scores(train_c) - heads.scores(train_r)
+    fit = LogisticRegression(C=1.0, fit_intercept=False, tol=1e-10, max_iter=10_000).fit(
+        np.concatenate([x, -x]), np.r_[np.ones(len(x)), np.zeros(len(x))])
+    test = data.scored(heads)
+    right = (test.chosen - test.rejected) @ fit.coef_[0] > 0
+    assert rows[label] == pytest.approx(np.mean([right[test.groups == g].mean() for g in test.group_names]))
+    population, supervised = rows["population profile (no feedback)"], rows[next(k for k in rows if "supervised" in k)]
+    assert supervised > population  # the gap exists here, so its share is reported
+    assert report["gap_recovered"][label] == pytest.approx((rows[label] - population) / (supervised - population))
+
+
 def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_agree():
     """Synthetic users weigh the attributes differently: the population head fits none of them well, and held-out
     users are scored best by moving far from it. Relabelled by one shared direction, everyone agrees with it."""

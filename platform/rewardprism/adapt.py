@@ -31,6 +31,7 @@ import torch
 
 Method = Literal["default", "hyre", "bt"]
 Profiles = tuple[np.ndarray, np.ndarray]  # weights (U, H), bias (U,)
+NOT_FINITE = "head scores hold NaN or inf"
 METHODS = ("default", "hyre", "bt")
 # Prior precision / the user's mean squared score gap: the centre of `hierarchical_bt`'s hyperprior for a head set
 # that carries no calibrated one (`HeadSet.hyperprior_center`, chosen by `evaluate.calibrate_hyperprior` when the
@@ -73,10 +74,10 @@ def adapt_users(chosen_scores: np.ndarray, rejected_scores: np.ndarray, prior_we
     raise ValueError(f"unknown adaptation method {method!r}; use one of {', '.join(METHODS)}")
 
 
-def _validated(chosen: np.ndarray, rejected: np.ndarray,
-               mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Float64 chosen, rejected (U, n, H) with padding zeroed, and the mask as float64 (U, n) (None: no padding)."""
-    chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+def _checked(chosen: np.ndarray, rejected: np.ndarray,
+             mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Shapes and mask checked (the mask as bool), the scores untouched: no pass over them."""
+    chosen, rejected = np.asarray(chosen), np.asarray(rejected)
     if chosen.ndim != 3 or chosen.shape != rejected.shape:
         raise ValueError(f"chosen and rejected scores must both be (users, pairs, heads), got {chosen.shape} "
                          f"and {rejected.shape}")
@@ -87,9 +88,18 @@ def _validated(chosen: np.ndarray, rejected: np.ndarray,
             raise ValueError(f"mask must be (users, pairs) = {(users, n)}, got {mask.shape}")
         if not mask.any(axis=1).all():
             raise ValueError(f"user(s) {np.flatnonzero(~mask.any(axis=1))[:5].tolist()} have no labelled pairs")
+    return chosen, rejected, mask
+
+
+def _validated(chosen: np.ndarray, rejected: np.ndarray,
+               mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float64 chosen, rejected (U, n, H) with padding zeroed, and the mask as float64 (U, n) (None: no padding)."""
+    chosen, rejected, mask = _checked(chosen, rejected, mask)
+    chosen, rejected = chosen.astype(np.float64, copy=False), rejected.astype(np.float64, copy=False)
+    if mask is not None:
         chosen, rejected = np.where(mask[..., None], chosen, 0.0), np.where(mask[..., None], rejected, 0.0)
     if not (np.isfinite(chosen.sum()) and np.isfinite(rejected.sum())):  # one pass each; NaN/inf propagate
-        raise ValueError("head scores hold NaN or inf")
+        raise ValueError(NOT_FINITE)
     return chosen, rejected, None if mask is None else mask.astype(np.float64)
 
 
@@ -122,35 +132,47 @@ def hyre(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None = Non
 
     The reference scores a response by Σ_h w_h (s_h − m_h) / sd_h; over raw scores that is
     weights = w / sd and bias = −Σ_h w_h m_h / sd_h. Users go through in blocks of `USER_BLOCK`, each block
-    vectorized: a block's intermediates stay in cache, which makes a large batch several times faster.
+    vectorized, and every block works in one buffer allocated once: intermediates stay in cache, and no block
+    pays for fresh pages (a new array per step cost more than the arithmetic).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    c, r, m = _validated(chosen, rejected, mask)
-    blocks = [_hyre_block(c[s:s + USER_BLOCK], r[s:s + USER_BLOCK], None if m is None else m[s:s + USER_BLOCK],
-                          temperature) for s in range(0, len(c), USER_BLOCK)]
-    return np.concatenate([w for w, _ in blocks]), np.concatenate([b for _, b in blocks])
+    c, r, m = _checked(chosen, rejected, mask)
+    users, n, heads = c.shape
+    work = np.empty((min(users, USER_BLOCK), n, heads))
+    weights, bias = np.empty((users, heads)), np.empty(users)
+    for s in range(0, users, USER_BLOCK):
+        block = slice(s, s + USER_BLOCK)
+        weights[block], bias[block] = _hyre_block(c[block], r[block], None if m is None else m[block],
+                                                  temperature, work)
+    return weights, bias
 
 
-def _hyre_block(c: np.ndarray, r: np.ndarray, m: np.ndarray | None,
-                temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """HyRe for (B, n, H) scores; padded entries are zero and `m` (B, n) marks the real ones (None: all).
+def _hyre_block(c: np.ndarray, r: np.ndarray, m: np.ndarray | None, temperature: float,
+                work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HyRe for (B, n, H) scores, `m` (B, n) marking the real pairs (None: all), in `work` (≥ B, n, H).
 
     loss_h = Σᵢ log(1 + exp(−marginᵢ)) is taken as the log of a product over pairs: one log per head instead of
     one per pair. Standardized margins are bounded (|z| ≤ (N − 1)/√N for N pooled scores), so a product over
     `_product_run` pairs stays far from overflow.
     """
-    n = c.shape[1]
-    count = np.full((len(c), 1), 2.0 * n) if m is None else 2 * m.sum(1, keepdims=True)  # (B, 1)
+    c, r = c.astype(np.float64, copy=False), r.astype(np.float64, copy=False)
+    if m is not None:  # padding may hold anything: zero it
+        c, r = np.where(m[..., None], c, 0.0), np.where(m[..., None], r, 0.0)
+    work, n = work[:len(c)], c.shape[1]
+    count = np.full((len(c), 1), 2.0 * n) if m is None else 2 * m.sum(1, keepdims=True, dtype=np.float64)
     mean = (c.sum(1) + r.sum(1)) / count  # (B, H)
-    dev_c, dev_r = c - mean[:, None], r - mean[:, None]  # (B, n, H)
-    if m is not None:
-        dev_c *= m[..., None]
-        dev_r *= m[..., None]
-    sd = np.sqrt((np.einsum("bnh,bnh->bh", dev_c, dev_c) + np.einsum("bnh,bnh->bh", dev_r, dev_r))
-                 / (count - 1))  # (B, H) unbiased
+    if not np.isfinite(mean).all():  # NaN or inf anywhere in the block reaches its sum
+        raise ValueError(NOT_FINITE)
+    squares = np.zeros_like(mean)
+    for scores in (c, r):
+        deviation = np.subtract(scores, mean[:, None], out=work)
+        if m is not None:
+            deviation *= m[..., None]
+        squares += np.einsum("bnh,bnh->bh", deviation, deviation)
+    sd = np.sqrt(squares / (count - 1))  # (B, H) unbiased
     sd[sd == 0] = 1.0
-    odds = np.subtract(r, c, out=dev_c)  # (B, n, H) reuses dev_c: −(z_chosen − z_rejected); the mean cancels
+    odds = np.subtract(r, c, out=work)  # −(z_chosen − z_rejected) · sd: the mean cancels
     odds /= sd[:, None]
     np.exp(odds, out=odds)  # odds of the wrong order
     if m is not None:
