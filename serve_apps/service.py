@@ -205,6 +205,7 @@ class ScoringService:
         self.limits = store_settings.limits
         self.engine = store.make_engine(store_settings)
         self.sessions = store.make_sessions(self.engine)
+        self.read_sessions = store.make_sessions(self.engine, read_only=True)
         self.db = ThreadPoolExecutor(store_settings.pool_size + store_settings.max_overflow,
                                      thread_name_prefix="rewardprism-db")
         self.profiles = ProfileCache(settings.profile_cache_size)
@@ -264,7 +265,7 @@ class ScoringService:
     async def read(self, work: Callable[..., T], *args: Any) -> T:
         """`work(session, *args)` in a worker thread; the session is rolled back and closed afterwards."""
         def call() -> T:
-            with self.sessions() as session:
+            with self.read_sessions() as session:
                 return work(session, *args)
         return await self._in_thread(call)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -62,7 +63,7 @@ from rewardprism.store import (
     set_user_disabled,
     verify_api_key,
 )
-from rewardprism.store.models import Base
+from rewardprism.store.models import Base, User
 from sqlalchemy.orm import Session, sessionmaker
 
 HEADS = ["pc0+", "pc1+", "pc2+", "pc0-", "pc1-", "pc2-"]
@@ -425,6 +426,37 @@ def test_sqlite_process_killed_mid_transaction_leaves_no_partial_rows(tmp_path: 
     with store.sessions.begin() as s:  # and the file is writable again (the dead writer's lock is gone)
         create_user(s, "bob")
     assert store.counts()["users"] == 1
+    engine.dispose()
+
+
+def test_sqlite_reads_run_while_another_process_holds_a_write_transaction(tmp_path: Path) -> None:
+    """Read sessions begin deferred on SQLite: a lookup does not wait for another process's open write (as a
+    scoring replica's profile checks must not wait for another replica's feedback), while a writer still does."""
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(StoreSettings(database_url=url, pool_timeout_s=0.5))  # the busy timeout, here short
+    with make_sessions(engine).begin() as s:
+        create_user(s, "alice")
+    script = textwrap.dedent(f"""
+        import time
+        from rewardprism.store import StoreSettings, create_user, make_engine, make_sessions
+        s = make_sessions(make_engine(StoreSettings(database_url={url!r})))()
+        create_user(s, "bob")  # flushed inside an open write transaction, never committed
+        print("writing", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+        started = time.monotonic()
+        with make_sessions(engine, read_only=True)() as s:
+            assert [u.external_id for u in s.scalars(sa.select(User))] == ["alice"]  # bob is not committed
+        assert time.monotonic() - started < 0.4
+        with pytest.raises(sa.exc.OperationalError, match="locked"), make_sessions(engine).begin() as s:
+            create_user(s, "carol")
+    finally:
+        proc.kill()
+        proc.wait()
     engine.dispose()
 
 

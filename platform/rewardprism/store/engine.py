@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from rewardprism.store.config import StoreSettings, safe_url
 
 log = logging.getLogger(__name__)
+READ_ONLY = "rewardprism_read_only"  # an execution option: sessions that only read
 
 
 def make_engine(settings: StoreSettings) -> sa.Engine:
@@ -39,9 +40,16 @@ def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> No
 def _sqlite_begin(connection: sa.Connection) -> None:
     # IMMEDIATE takes the write lock up front: SQLite serializes writers, and a deferred transaction that
     # upgrades to writing fails at once with "database is locked" instead of waiting for the busy timeout.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # Read sessions never write, so they begin deferred: they neither queue behind a writer nor each other.
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def make_sessions(engine: sa.Engine) -> sessionmaker[Session]:
-    """Sessions whose objects stay readable after commit, so a service can return what it just wrote."""
-    return sessionmaker(engine, expire_on_commit=False)
+def make_sessions(engine: sa.Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit, so a service can return what it just wrote.
+
+    `read_only` sessions are for reading (a service's lookups): on SQLite they do not take the write lock, so a
+    read runs while another process holds a write transaction open. Writing through one is not supported.
+    """
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}) if read_only else engine,
+                        expire_on_commit=False)
