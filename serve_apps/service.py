@@ -66,6 +66,12 @@ STORED_METHOD = {"default": "shrink", "hyre": "hyre", "bt": "bt"}
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 
+def _rolled_back_for_a_conflict(exc: Exception) -> bool:
+    """Postgres aborted the transaction to settle a conflict with another (deadlock, serialization failure:
+    SQLSTATE class 40); the driver raises it as an OperationalError, but a retry, not a wait, is what helps."""
+    return str(getattr(getattr(exc, "orig", None), "sqlstate", None) or "").startswith("40")
+
+
 class ApiError(Exception):
     """A request the service refuses: an HTTP status and a message for the client.
 
@@ -280,6 +286,8 @@ class ScoringService:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.db, call)
         except DATABASE_DOWN as exc:
+            if _rolled_back_for_a_conflict(exc):  # the database is fine: another transaction won
+                raise ApiError(409, "a concurrent change conflicts with this one; retry") from None
             self.database_ok = False
             log.warning("database unreachable: %s", type(exc.orig if hasattr(exc, "orig") else exc).__name__)
             raise Unavailable("the database is unreachable; try again shortly") from None

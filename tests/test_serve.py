@@ -484,6 +484,55 @@ def test_a_constraint_a_concurrent_writer_trips_is_a_409_not_a_500(service):
     assert info.value.status == 409
 
 
+def test_a_transaction_postgres_aborts_in_a_deadlock_is_a_409_and_the_database_stays_up(service):
+    """A deadlock is settled by aborting one transaction (SQLSTATE 40P01, raised as an OperationalError): the
+    loser is told to retry, and the replica does not report the database as unreachable."""
+    import asyncio
+    import threading
+
+    from serve_apps import service as service_module
+    from serve_apps.settings import ServeSettings
+
+    engine = sa.create_engine(service.database)
+    with engine.begin() as conn:
+        for user in ("deadlock-a", "deadlock-b"):
+            conn.execute(sa.insert(store.User).values(external_id=user, meta={}))
+    other_holds_b, service_holds_a = threading.Event(), threading.Event()
+    touch = sa.text("UPDATE users SET display_name = 'x' WHERE external_id = :user")
+
+    def other() -> None:  # holds b, then wants a: Postgres aborts whichever waited first (the service)
+        with engine.begin() as conn:
+            conn.execute(touch, {"user": "deadlock-b"})
+            other_holds_b.set()
+            service_holds_a.wait(10)
+            conn.execute(touch, {"user": "deadlock-a"})
+
+    def holds_a_then_wants_b(session) -> None:
+        session.execute(touch, {"user": "deadlock-a"})
+        other_holds_b.wait(10)
+        service_holds_a.set()
+        session.execute(touch, {"user": "deadlock-b"})
+
+    async def write() -> bool:
+        scoring = service_module.ScoringService(ServeSettings(database_url=service.database), embed=None,
+                                                metrics=None)
+        try:
+            with pytest.raises(service_module.ApiError, match="retry") as info:
+                await scoring.write(holds_a_then_wants_b)
+            assert info.value.status == 409
+            return scoring.database_ok
+        finally:
+            await scoring.close()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert asyncio.run(write())
+    finally:
+        thread.join(15)
+        engine.dispose()
+
+
 def test_bootstrap_admin_key_creates_lists_and_revokes_keys(service, db):
     """REWARDPRISM_ADMIN_KEY works for admin calls (e.g. the first keys) and is audited; a near miss is 401."""
     with service.client(BOOTSTRAP_KEY) as http:

@@ -56,6 +56,7 @@ from rewardprism.store import (
     make_sessions,
     migrate,
     record_audit,
+    list_head_sets,
     register_head_set,
     revoke_api_key,
     safe_url,
@@ -247,6 +248,28 @@ def test_get_or_create_user_under_a_race(seeded: Store) -> None:
     with ThreadPoolExecutor(20) as pool:
         ids = set(pool.map(worker, range(20)))
     assert len(ids) == 1 and seeded.counts()["users"] == 2
+
+
+@POSTGRES_ONLY
+def test_concurrent_activations_serialize_and_leave_one_active(seeded: Store) -> None:
+    """Activating versions of one head set at once (admin calls on two replicas, a registration that activates)
+    queues on the name: each one completes (no deadlock between the deactivate-others and activate updates) and
+    exactly one version is active afterwards."""
+    with seeded.sessions.begin() as s:
+        for version in ("2", "3"):
+            register(s, version, activate=False)
+    versions = ["1", "2", "3"] * 8
+    start = threading.Barrier(len(versions))
+
+    def worker(version: str) -> str:
+        start.wait()
+        with seeded.sessions.begin() as s:
+            return activate_head_set(s, "drm-test", version).version
+
+    with ThreadPoolExecutor(len(versions)) as pool:
+        assert sorted(pool.map(worker, versions)) == sorted(versions)
+    with seeded.sessions() as s:
+        assert len([h for h in list_head_sets(s, "drm-test") if h.active]) == 1
 
 
 def test_a_failing_adapter_writes_nothing(seeded: Store) -> None:

@@ -615,6 +615,9 @@ def list_head_sets(session: Session, name: str | None = None) -> list[HeadSet]:
 
 def activate_head_set(session: Session, name: str, version: str) -> HeadSet:
     """Make this version the one served for `name`; the previously active one is deactivated."""
+    # Concurrent activations of one name queue here: every version's row is locked in id order first. Without
+    # it two of them lock each other's rows in the updates below and Postgres aborts one as a deadlock.
+    session.execute(sa.select(HeadSet.id).where(HeadSet.name == name).order_by(HeadSet.id).with_for_update())
     head_set = get_head_set(session, name, version)
     # Deactivate first: the partial unique index allows one active row per name at any moment.
     others = sa.update(HeadSet).where(HeadSet.name == name, HeadSet.id != head_set.id)
