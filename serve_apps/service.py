@@ -67,9 +67,9 @@ DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutE
 
 
 def _rolled_back_for_a_conflict(exc: Exception) -> bool:
-    """Postgres aborted the transaction to settle a conflict with another (deadlock, serialization failure:
-    SQLSTATE class 40); the driver raises it as an OperationalError, but a retry, not a wait, is what helps."""
-    return str(getattr(getattr(exc, "orig", None), "sqlstate", None) or "").startswith("40")
+    """Postgres aborted the transaction to settle a conflict with another (serialization failure 40001,
+    deadlock 40P01); the driver raises it as an OperationalError, but a retry, not a wait, is what helps."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40001", "40P01")
 
 
 class ApiError(Exception):
@@ -286,7 +286,8 @@ class ScoringService:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.db, call)
         except DATABASE_DOWN as exc:
-            if _rolled_back_for_a_conflict(exc):  # the database is fine: another transaction won
+            if _rolled_back_for_a_conflict(exc):  # the database is up: another transaction won
+                self.database_ok = True
                 raise ApiError(409, "a concurrent change conflicts with this one; retry") from None
             self.database_ok = False
             log.warning("database unreachable: %s", type(exc.orig if hasattr(exc, "orig") else exc).__name__)

@@ -147,7 +147,7 @@ def test_real_data_with_attribute_ratings_is_evaluated_without_the_synthetic_che
     assert "synthetic" not in report and {"team-cautious", "team-playful"} <= set(report["groups"])
 
 
-def test_report_gives_the_head_sets_own_ceiling_and_its_share_of_the_gap():
+def test_report_gives_the_pooled_profile_over_the_heads_and_its_share_of_the_gap():
     """The best profile over the heads, fitted on every training pair (as scikit-learn's C=1 logistic regression
     on the head scores), and how much of the population → supervised gap it could recover at all."""
     from sklearn.linear_model import LogisticRegression

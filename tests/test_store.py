@@ -252,9 +252,8 @@ def test_get_or_create_user_under_a_race(seeded: Store) -> None:
 
 @POSTGRES_ONLY
 def test_concurrent_activations_serialize_and_leave_one_active(seeded: Store) -> None:
-    """Activating versions of one head set at once (admin calls on two replicas, a registration that activates)
-    queues on the name: each one completes (no deadlock between the deactivate-others and activate updates) and
-    exactly one version is active afterwards."""
+    """Activating versions of one head set at once (admin calls on two replicas) queues on the name: each one
+    completes (no deadlock between the deactivate-others and activate updates) and one version is active."""
     with seeded.sessions.begin() as s:
         for version in ("2", "3"):
             register(s, version, activate=False)
@@ -270,6 +269,55 @@ def test_concurrent_activations_serialize_and_leave_one_active(seeded: Store) ->
         assert sorted(pool.map(worker, versions)) == sorted(versions)
     with seeded.sessions() as s:
         assert len([h for h in list_head_sets(s, "drm-test") if h.active]) == 1
+
+
+@POSTGRES_ONLY
+def test_registrations_of_a_new_name_that_activate_queue_too(seeded: Store) -> None:
+    """A name with no committed rows has nothing to lock: registrations that activate it must still queue, not
+    meet at the one-active-version index."""
+    versions = [str(v) for v in range(6)]
+    start = threading.Barrier(len(versions))
+
+    def worker(version: str) -> str:
+        start.wait()
+        with seeded.sessions.begin() as s:
+            row = register_head_set(s, name="brand-new", version=version, kind="drm", backbone="minilm", dim=8,
+                                    num_heads=1, head_names=["h"], default_weights=[1.0], uri=f"/h/{version}",
+                                    content_hash=f"new-{version}", activate=True)
+            time.sleep(0.1)  # every transaction stays open while the others register
+            return row.version
+
+    with ThreadPoolExecutor(len(versions)) as pool:
+        assert sorted(pool.map(worker, versions)) == versions
+    with seeded.sessions() as s:
+        assert len([h for h in list_head_sets(s, "brand-new") if h.active]) == 1
+
+
+@POSTGRES_ONLY
+def test_an_open_profile_write_does_not_hold_up_an_activation(seeded: Store) -> None:
+    """Feedback adapts inside its transaction; a profile it writes references a head-set version, and an
+    activation must not wait for that transaction (nor make it wait)."""
+    with seeded.sessions.begin() as s:
+        register(s, "2", activate=False)
+    written, finish = threading.Event(), threading.Event()
+
+    def feedback_in_progress() -> None:
+        with seeded.sessions.begin() as s:
+            save_profile(s, "alice", [0.5, 0.1, 0.1, 0.1, 0.1, 0.1], method="manual", expected_version=None,
+                         head_set=get_head_set(s, "drm-test", "1"))
+            written.set()
+            finish.wait(10)
+
+    thread = threading.Thread(target=feedback_in_progress)
+    thread.start()
+    try:
+        assert written.wait(10)
+        with seeded.sessions.begin() as s:
+            s.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+            assert activate_head_set(s, "drm-test", "2").active
+    finally:
+        finish.set()
+        thread.join(10)
 
 
 def test_a_failing_adapter_writes_nothing(seeded: Store) -> None:

@@ -7,8 +7,8 @@ accuracy (chosen scored above rejected) is measured on the group's test pairs. S
 pairs in the test set; the honest variant removes them, and both are reported.
 
 Baselines, as the paper's tables: the population profile (no feedback), single heads (per-head accuracy, the
-best head per group as an oracle), HyRe over random head sets (uniform and Gaussian directions), the best
-profile over the head set fitted on every training pair (the head set's ceiling on this data), and a fully
+best head per group as an oracle), HyRe over random head sets (uniform and Gaussian directions), one profile
+over the head set fitted on every training pair (how much of the pooled preference the heads hold), and a fully
 supervised Bradley-Terry head on every training pair. Cross-annotator personalization adapts on one
 annotator's pairs and scores another's. RewardBench-style section scores apply to data whose groups are
 RewardBench subsets.
@@ -345,8 +345,8 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
             random = data.scored(random_heads(heads.dim, heads.num_heads, distribution))
             rows.append(evaluate_adaptation(random, n, method="hyre", seeds=seeds,
                                             label=f"HyRe n={n}, random {distribution} heads"))
-        # The head set's own ceiling here: the most any profile over these heads can reach on this data. Across
-        # annotators it is below the supervised head, and few labels can only recover part of the gap below it.
+        # One profile over these heads fitted on every training pair (the supervised head's estimator, restricted
+        # to the heads): how much of the pooled preference the head set holds. Per-group profiles can beat it.
         train_chosen, train_rejected, _ = data.training()
         rows.append(fixed_profile(test, fit_population_head(heads.scores(train_chosen), heads.scores(train_rejected)),
                                   f"best profile over these heads, all {len(data.train)} training pairs"))
@@ -386,7 +386,7 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
 
 def _gap_recovered(rows: list[dict[str, Any]]) -> dict[str, float]:
     """(adapted − population) / (supervised − population), overall, for each adapted same-annotator row and for
-    the best profile over the heads (how much of the gap the head set can represent at all)."""
+    the one profile over the heads fitted on every training pair (how much of the gap a pooled profile holds)."""
     overall = {row["label"]: row["reference"]["overall"][0] for row in rows}
     population = overall["population profile (no feedback)"]
     supervised = next(v for k, v in overall.items() if k.startswith("supervised"))

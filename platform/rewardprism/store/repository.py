@@ -60,6 +60,7 @@ DEFAULT_LIMITS = Limits()
 EXPORT_FORMAT = "rewardprism.user/1"
 MAX_PAGE = 1_000
 # scrypt cost: ~16 MiB and tens of ms per check; services cache verified keys rather than lower this.
+ACTIVATION_LOCK = 0x52500001  # advisory-lock namespace ("RP", 1): head-set activations, keyed by name
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
 
@@ -615,9 +616,12 @@ def list_head_sets(session: Session, name: str | None = None) -> list[HeadSet]:
 
 def activate_head_set(session: Session, name: str, version: str) -> HeadSet:
     """Make this version the one served for `name`; the previously active one is deactivated."""
-    # Concurrent activations of one name queue here: every version's row is locked in id order first. Without
-    # it two of them lock each other's rows in the updates below and Postgres aborts one as a deadlock.
-    session.execute(sa.select(HeadSet.id).where(HeadSet.name == name).order_by(HeadSet.id).with_for_update())
+    # Concurrent activations of one name queue here, on a transaction-scoped lock on the name (new names
+    # included, which have no committed rows to lock). Without it two of them lock each other's rows in the
+    # updates below and Postgres aborts one as a deadlock. Profile writes are not blocked. SQLite serializes
+    # writers already (BEGIN IMMEDIATE).
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(ACTIVATION_LOCK, sa.func.hashtext(name))))
     head_set = get_head_set(session, name, version)
     # Deactivate first: the partial unique index allows one active row per name at any moment.
     others = sa.update(HeadSet).where(HeadSet.name == name, HeadSet.id != head_set.id)
