@@ -67,8 +67,10 @@ class DrmRecipe:
     """setup → run → save → cleanup; each step checks the values it uses."""
 
     def __init__(self, config: DrmConfig):
+        from rewardprism.train import output_path
+
         self.config = config
-        self.out = Path(config.output_dir)
+        self.out = output_path(config.output_dir, "output_dir")
         self.embeddings = Path(config.embeddings) if config.embeddings else self.out / "embeddings"
         self.started_ray = False
 

@@ -25,8 +25,8 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a busy 2-core CI machine starts Ray slowly
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    if not ray.is_initialized():  # "local": a cluster of its own, even beside a `ray start` one or RAY_ADDRESS
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -208,3 +208,24 @@ def test_two_worker_zero2_run_survives_a_killed_worker(tmp_path, ray_cluster):
     assert heads.backbone == str(config.export_dir) and heads.kind == "vrm"
     assert (config.export_dir / "metrics.json").exists()
     assert list((config.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_relative_outputs_are_refused_inside_a_ray_job_working_dir(tmp_path):
+    """`ray job submit --working-dir .` runs the job in Ray's temporary copy of the folder (under
+    .../runtime_resources/working_dir_files/), deleted with the job: a relative output path there exits 2 naming
+    the field, before any work. Absolute paths, and relative ones outside such a copy, are taken as they are."""
+    job_copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0"
+    job_copy.mkdir(parents=True)
+    commands = {
+        "ray.storage_path": [str(ROOT / "train_vrm.py"), "--config", str(TINY), "--override", "ray.storage_path=runs"],
+        "output_dir": [str(ROOT / "train_drm.py"), "--output_dir", "runs/drm", "--dataset", "synthetic"],
+    }
+    for field, command in commands.items():
+        proc = subprocess.run([sys.executable, *command], cwd=job_copy, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"{field}: runs" in proc.stderr and "temporary copy of its working directory" in proc.stderr
+    assert not any((job_copy / "runs").glob("**/*"))
+    from rewardprism.train import output_path
+
+    assert output_path("runs/x", "output_dir") == (Path.cwd() / "runs/x").resolve()  # not inside a job's copy

@@ -113,6 +113,16 @@ def test_sweep_files_fail_naming_the_field():
         sweep_vrm.search_space({"model.lam": {"loguniform": [0.1]}})
     with pytest.raises(ConfigError, match="^space.train.seed: is set by `seeds`"):
         sweep_vrm.search_space({"train.seed": {"choice": [1, 2]}})
+    bad_ranges = {  # Tune would take them and fail inside Tuner.fit (or never draw a value)
+        "uniform: low < high": {"uniform": [1.0, 0.0]},
+        "randint: low < high": {"randint": [4, 4]},
+        "randint bounds must be integers": {"randint": [1, 4.5]},
+        "uniform bounds must be numbers": {"uniform": ["a", 1]},
+        "choice needs at least one value": {"choice": []},
+    }
+    for message, spec in bad_ranges.items():
+        with pytest.raises(ConfigError, match=f"^space.model.lam: {message.split(':')[0]}"):
+            sweep_vrm.search_space({"model.lam": spec})
     recipe = load_config(ROOT / "configs" / "vrm_tiny.yaml").to_dict()
     with pytest.raises(ConfigError, match="^model.betaw: unknown field"):
         sweep_vrm.check_values(recipe, {"model.betaw": {"uniform": [0.0, 1.0]}}, [])
@@ -136,6 +146,15 @@ def test_bad_sweep_file_exits_naming_the_field(tmp_path):
     result = CliRunner().invoke(command, ["--config", str(config)])
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: embeddings: {tmp_path / 'missing'} is not an embedding folder")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("heads: [1\n")
+    result = CliRunner().invoke(command, ["--config", str(broken)])
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: --config: {broken} is not valid YAML")
+    vrm = typer.Typer()
+    vrm.command()(sweep_vrm.main)
+    empty = sweep_file("vrm_smoke.yaml", tmp_path, samples=0, points=None)
+    result = CliRunner().invoke(vrm, ["--config", str(empty)])
+    assert result.exit_code == 2 and "error: samples: is 0 and there are no points" in result.stderr, result.output
 
 
 def test_first_components_are_the_decomposition_with_fewer_components():
@@ -231,3 +250,26 @@ def test_vrm_sweep_end_to_end(tmp_path, ray_cluster):
     assert f"registered vrm-smoke@{heads.version} (vrm, 6 heads) - active" in \
         register(tmp_path, experiment / "best" / "headset")
     assert_pngs([experiment / "plots" / "accuracy_vs_lambda.png"])
+
+
+def test_a_sweep_whose_trials_all_fail_writes_their_errors_and_exits_cleanly(tmp_path, ray_cluster, capsys):
+    """Every trial failing before its first report leaves Tune a table without columns: the results files and
+    the errors in sweep.json are still written, and the script ends with one line, not a KeyError."""
+    import ray.tune
+    import sweeps
+
+    def broken(config: dict) -> None:  # a local function: shipped to the workers by value
+        raise ValueError(f"trial {config['x']} cannot start")
+
+    grid = ray.tune.Tuner(broken, param_space={"x": ray.tune.grid_search([1, 2])},
+                          run_config=ray.tune.RunConfig(name="all-fail", storage_path=str(tmp_path))).fit()
+    assert sweeps.write_results(grid, "drm", {"config": {}}) == []
+    folder = tmp_path / "all-fail"
+    errors = json.loads((folder / sweeps.SWEEP_JSON).read_text())["errors"]
+    assert len(errors) == 2 and all("cannot start" in e for e in errors.values())
+    assert json.loads((folder / sweeps.RESULTS_JSON).read_text()) == []
+    sweep = from_dict(sweep_drm.DrmSweep, {"adaptation_pairs": [5], "select_pairs": 5}, "")
+    with pytest.raises(typer.Exit) as stopped:
+        sweeps.best_or_exit(lambda: sweep_drm.export_best([], None, sweep))
+    assert stopped.value.exit_code == 1
+    assert "no DRM-head trial at n=5 finished; see the errors in sweep.json" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
     python tune/sweep_drm.py --config tune/drm_alpaca.yaml            # AlpacaEval, MiniLM embeddings
     python tune/sweep_drm.py --config tune/drm_alpaca.yaml --resume   # finish an interrupted sweep (Tuner.restore)
-    ray job submit --working-dir . -- python tune/sweep_drm.py --config tune/drm_alpaca.yaml
+    ray job submit --working-dir . -- python tune/sweep_drm.py --config SWEEP.yaml   # absolute paths in it
 
 One decomposition serves every k. The driver fits the PCA once, with the largest k, on the training split; a
 trial with k heads keeps its first k components (the top k eigenvectors of the covariance are the first k of
@@ -31,17 +31,18 @@ from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_populat
 from rewardprism.embed import EmbeddingSet
 from rewardprism.evaluate import Split
 from rewardprism.heads import HeadSet
-from rewardprism.train import from_dict
+from rewardprism.train import from_dict, read_config_file
 from rewardprism.vrm import ConfigError
 from sweeps import (
     BEST_DIR,
+    NoTrialFinished,
     Resume,
     RunSettings,
+    best_or_exit,
     connect_ray,
     finish,
     fit_or_restore,
     max_concurrent_trials,
-    read_sweep_file,
     save_head_set,
     stop_if_interrupted,
     write_best,
@@ -205,7 +206,7 @@ def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) ->
     candidates = [r for r in rows if r.get(METRIC) is not None and r["config/pairs"] == sweep.select_pairs
                   and r["config/method"] not in RANDOM]
     if not candidates:
-        raise RuntimeError(f"no DRM-head trial at n={sweep.select_pairs} finished; see the errors in sweep.json")
+        raise NoTrialFinished(f"no DRM-head trial at n={sweep.select_pairs} finished; see the errors in sweep.json")
     row = max(candidates, key=lambda r: r[METRIC])
     k, method = row["config/heads"], row["config/method"]
     folder = sweep.run.experiment_dir / BEST_DIR
@@ -229,7 +230,7 @@ def main(
     from rewardprism.cli import fail
 
     try:
-        sweep = from_dict(DrmSweep, read_sweep_file(config), "")
+        sweep = from_dict(DrmSweep, read_config_file(config), "")
         data = load_data(sweep)
         connect_ray()
         param_space = {"heads": ray.tune.grid_search(sweep.heads),
@@ -247,7 +248,7 @@ def main(
     stop_if_interrupted(grid, len(sweep.heads) * len(sweep.adaptation_pairs) * len(sweep.methods),
                         f"python tune/sweep_drm.py --config {config} --resume")
     rows = write_results(grid, "drm", {"config": asdict(sweep), "metric": METRIC, "adapted": ADAPTED})
-    summary = export_best(rows, data, sweep)
+    summary = best_or_exit(lambda: export_best(rows, data, sweep))
     finish(sweep.run, summary)
 
 

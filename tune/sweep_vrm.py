@@ -30,19 +30,21 @@ from rewardprism.train import (
     from_dict,
     load_config,
     prepare_data,
+    read_config_file,
     replacing,
     steps_per_epoch,
 )
 from rewardprism.vrm import ConfigError
 from sweeps import (
     BEST_DIR,
+    NoTrialFinished,
     Resume,
     RunSettings,
+    best_or_exit,
     connect_ray,
     finish,
     fit_or_restore,
     max_concurrent_trials,
-    read_sweep_file,
     save_head_set,
     stop_if_interrupted,
     write_best,
@@ -102,6 +104,15 @@ def search_space(space: Any) -> dict[str, Any]:
                                               f"{{randint: [low, high]}} or {{choice: [values]}}, got {spec!r}")
         if key == SEED:
             raise ConfigError(f"space.{key}", "is set by `seeds`: every configuration runs once per seed")
+        if kind == "choice" and not args:
+            raise ConfigError(f"space.{key}", "choice needs at least one value")
+        if kind != "choice":
+            number, what = (int, "integers") if kind == "randint" else ((int, float), "numbers")
+            if not all(isinstance(a, number) and not isinstance(a, bool) for a in args):
+                raise ConfigError(f"space.{key}", f"{kind} bounds must be {what}, got {args!r}")
+            if not args[0] < args[1]:
+                raise ConfigError(f"space.{key}", f"{kind} needs low < high, got {args!r}"
+                                                  + (" (high is exclusive)" if kind == "randint" else ""))
         try:
             domains[key] = getattr(ray.tune, kind)(args) if kind == "choice" else getattr(ray.tune, kind)(*args)
         except (TypeError, ValueError) as exc:
@@ -223,7 +234,7 @@ def best_trial(rows: list[dict[str, Any]], keys: list[str], max_t: int) -> tuple
             groups.setdefault(tuple(row[f"config/{k}"] for k in keys), []).append(row)
     finished = {k: g for k, g in groups.items() if any(r[TIME] >= max_t for r in g)}
     if not finished:
-        raise RuntimeError("no trial finished training; see the errors in sweep.json")
+        raise NoTrialFinished("no trial finished training; see the errors in sweep.json")
     group = max(finished.values(), key=lambda g: np.mean([r[METRIC] for r in g]))
     return max((r for r in group if r[TIME] >= max_t), key=lambda r: r[METRIC]), group
 
@@ -264,9 +275,11 @@ def main(
     from rewardprism.cli import fail
 
     try:
-        raw = read_sweep_file(config)
+        raw = read_config_file(config)
         space_spec, points = raw.pop("space", None), explicit_points(raw.pop("points", None))
         sweep = from_dict(VrmSweep, raw, "")
+        if sweep.samples + len(points) == 0:
+            raise ConfigError("samples", "is 0 and there are no points: the sweep would run nothing")
         domains = search_space(space_spec)
         base = load_config(sweep.recipe, sweep.overrides)
         check_reports(base)
@@ -302,7 +315,7 @@ def main(
     keys = [k for k in param_space if k != SEED]
     rows = write_results(grid, "vrm", {"config": asdict(sweep), "space": space_spec, "points": points,
                                        "keys": keys, "metric": METRIC, "max_t": max_t})
-    summary = export_best(*best_trial(rows, keys, max_t), recipe, keys, sweep.run)
+    summary = best_or_exit(lambda: export_best(*best_trial(rows, keys, max_t), recipe, keys, sweep.run))
     finish(sweep.run, summary)
 
 

@@ -18,7 +18,9 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 import yaml
+from rewardprism.embed import write_text_atomically
 from rewardprism.heads import HeadSet
+from rewardprism.train import output_path
 from rewardprism.vrm import ConfigError
 
 RESULTS_CSV = "results.csv"  # one row per trial: its config and its last reported metrics
@@ -47,16 +49,7 @@ class RunSettings:
 
     @property
     def experiment_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.name
-
-
-def read_sweep_file(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ConfigError("--config", f"no such file: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} must hold a mapping of settings")
-    return data
+        return output_path(self.storage_path, "run.storage_path") / self.name
 
 
 def connect_ray() -> None:
@@ -131,21 +124,36 @@ def stop_if_interrupted(grid: Any, expected: int, resume: str) -> None:
         raise typer.Exit(130)
 
 
+class NoTrialFinished(RuntimeError):
+    """Every trial failed before it could count: `sweep.json` lists their errors."""
+
+
 def write_results(grid: Any, kind: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The results table (CSV and JSON: config and last metrics per trial) and `sweep.json`; returns the rows.
 
-    Errored trials are listed in `sweep.json` with their error.
+    Errored trials are listed in `sweep.json` with their error. Each file is replaced whole, never half written.
     """
     folder = Path(grid.experiment_path)
-    table = grid.get_dataframe()
-    checkpoints = {r.metrics["trial_id"]: r.checkpoint.path for r in grid if r.checkpoint is not None}
-    table["checkpoint"] = table["trial_id"].map(checkpoints)  # what a trial saved besides its metrics
-    table.to_csv(folder / RESULTS_CSV, index=False)
-    rows = json.loads(table.to_json(orient="records"))
-    (folder / RESULTS_JSON).write_text(json.dumps(rows, indent=1))
+    table = grid.get_dataframe()  # no columns at all when no trial reported anything
+    if "trial_id" in table.columns:
+        checkpoints = {r.metrics["trial_id"]: r.checkpoint.path for r in grid if r.checkpoint is not None}
+        table["checkpoint"] = table["trial_id"].map(checkpoints)  # what a trial saved besides its metrics
+    write_text_atomically(folder / RESULTS_CSV, table.to_csv(index=False))
+    rows = json.loads(table.to_json(orient="records")) if len(table.columns) else []
+    write_text_atomically(folder / RESULTS_JSON, json.dumps(rows, indent=1))
     errors = {r.path: repr(r.error) for r in grid if r.error is not None}
-    (folder / SWEEP_JSON).write_text(json.dumps({"kind": kind, **settings, "errors": errors}, indent=1, default=str))
+    write_text_atomically(folder / SWEEP_JSON, json.dumps({"kind": kind, **settings, "errors": errors}, indent=1,
+                                                          default=str))
     return rows
+
+
+def best_or_exit(export: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`export()`'s summary of the best trial; when no trial finished, one line saying so and exit code 1."""
+    try:
+        return export()
+    except NoTrialFinished as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def save_head_set(heads: HeadSet, folder: Path, label: str) -> HeadSet:
@@ -159,10 +167,10 @@ def save_head_set(heads: HeadSet, folder: Path, label: str) -> HeadSet:
 def write_best(folder: Path, summary: dict[str, Any], config: dict[str, Any], heads: HeadSet) -> None:
     """`best/config.yaml` (run it again) and `best/summary.json` (what won, and how to serve it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_text_atomically(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     summary = {**summary, "head_set": {"name": heads.name, "version": heads.version, "path": str(folder / "headset")},
                "register": f"rewardprism models register {folder / 'headset'} --activate"}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=_plain))
+    write_text_atomically(folder / "summary.json", json.dumps(summary, indent=1, default=_plain))
 
 
 def _plain(value: Any) -> Any:

@@ -142,14 +142,15 @@ class ShardWriter:
                  "stop": self.index["n_pairs"] + shard["stop"] - shard["start"]}
         self.index["shards"].append(shard)
         self.index["n_pairs"] = shard["stop"]
-        _atomic_write(self.out / INDEX, json.dumps(self.index, indent=1))
+        write_text_atomically(self.out / INDEX, json.dumps(self.index, indent=1))
 
 
 def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a part: written beside it, then renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

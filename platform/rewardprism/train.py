@@ -143,7 +143,7 @@ class RecipeConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.ray.storage_path).expanduser().resolve() / self.ray.name
+        return output_path(self.ray.storage_path, "ray.storage_path") / self.ray.name
 
     def check_run_dir(self) -> None:
         """Ray continues any run it finds under the same name; make that a choice, not a surprise. The export
@@ -158,7 +158,7 @@ class RecipeConfig:
 
     @property
     def export_dir(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve() if self.output_dir else self.run_dir / "model"
+        return output_path(self.output_dir, "output_dir") if self.output_dir else self.run_dir / "model"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +179,18 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
                 raise ConfigError(key, f"{part} is not a section")
         node[leaf] = yaml.safe_load(value)
     return from_dict(RecipeConfig, data, "")
+
+
+def output_path(value: str, name: str) -> Path:
+    """An output folder as an absolute path. Under `ray job submit --working-dir .` a job runs in Ray's temporary
+    copy of that folder, which is deleted with the job: a relative output path there is refused, naming the field,
+    instead of writing results that vanish."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and "runtime_resources" in Path.cwd().parts:
+        raise ConfigError(name, f"{value} is relative, and this job runs in Ray's temporary copy of its working "
+                                f"directory ({Path.cwd()}), deleted with the job: give an absolute path (e.g. "
+                                "~/rewardprism-runs/... or a volume every node mounts)")
+    return path.resolve()
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
