@@ -591,8 +591,10 @@ def test_versions_agree_between_project_image_and_manifests(rendered):
                 assert cluster["rayVersion"] == ray, v.describe(obj)
     torch = re.search(r"pip install torch==([0-9.]+)", (ROOT / "Makefile").read_text()).group(1)
     assert _dockerfile_arg("TORCH_VERSION") == torch
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    assert _dockerfile_arg("RAY_VARIANT").startswith(python), "the image's Python differs from the dev venv's"
+    image_python = re.match(r"py3(\d+)", _dockerfile_arg("RAY_VARIANT"))  # e.g. py311-cpu
+    least = re.search(r'requires-python = ">=3\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert image_python and least and int(image_python.group(1)) >= int(least.group(1)), \
+        "the image's Python is older than pyproject.toml's requires-python"
 
 
 def test_dockerfile_copies_files_that_exist_and_puts_the_tree_where_manifests_expect():

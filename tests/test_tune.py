@@ -135,6 +135,8 @@ def test_sweep_files_fail_naming_the_field():
         from_dict(sweep_drm.DrmSweep, {"methods": ["hyre", "lasso"]}, "")
     with pytest.raises(ConfigError, match="^select_pairs: 7 is not one of adaptation_pairs"):
         from_dict(sweep_drm.DrmSweep, {"adaptation_pairs": [5, 15], "select_pairs": 7}, "")
+    with pytest.raises(ConfigError, match="^run.name: must be a folder name"):
+        from_dict(sweep_drm.DrmSweep, {"run": {"name": ".."}}, "")
     with pytest.raises(ConfigError, match="^run.max_concurrent_trials: must be a positive integer"):
         from_dict(sweep_drm.DrmSweep, {"run": {"max_concurrent_trials": 0}}, "")
 

@@ -42,8 +42,8 @@ class RunSettings:
     max_concurrent_trials: int | None = None  # None: as many trials as the cluster's CPUs and GPUs hold
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError("name", f"must be a non-empty name without '/', got {self.name!r}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError("name", f"must be a folder name (not empty, '.' or '..', no '/'), got {self.name!r}")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError("max_concurrent_trials", "must be a positive integer, or null to fit the cluster")
 
