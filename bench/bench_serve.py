@@ -143,9 +143,14 @@ async def closed_loop(url: str, key: str, requests: list[dict], users: int, conc
 
 
 async def open_loop(url: str, key: str, pool: list[dict], users: int, rate: float, seconds: float) -> dict:
-    """Poisson arrivals at `rate` requests/s (personalized); latency percentiles of the requests sent."""
+    """Poisson arrivals at `rate` requests/s (personalized); latency percentiles of the requests sent.
+
+    The arrivals are a Poisson process given its count: round(rate × seconds) requests at sorted uniform times.
+    Drawing gaps one by one instead left the count to chance: one seed sent 7–9 % more than asked at every rate.
+    """
     latencies: list[float] = []
     rng = random.Random(1)
+    arrivals = sorted(rng.uniform(0, seconds) for _ in range(max(1, round(rate * seconds))))
     async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=120,
                                  limits=httpx.Limits(max_connections=None)) as http:
         async def one(body: dict) -> None:
@@ -155,11 +160,9 @@ async def open_loop(url: str, key: str, pool: list[dict], users: int, rate: floa
             latencies.append(time.monotonic() - started)
 
         tasks, started = [], time.monotonic()
-        next_at = started
-        while next_at < started + seconds:
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        for at in arrivals:
+            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
             tasks.append(asyncio.create_task(one({**rng.choice(pool), "user_id": f"user{rng.randrange(users)}"})))
-            next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
     ms = np.array(latencies) * 1000
     return {"sent": len(tasks) / seconds, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
