@@ -500,8 +500,9 @@ def test_a_transaction_postgres_aborts_in_a_deadlock_is_a_409_and_the_database_s
     other_holds_b, service_holds_a = threading.Event(), threading.Event()
     touch = sa.text("UPDATE users SET display_name = 'x' WHERE external_id = :user")
 
-    def other() -> None:  # holds b, then wants a: Postgres aborts whichever waited first (the service)
-        with engine.begin() as conn:
+    def other() -> None:  # holds b, then wants a; it checks for deadlocks only after 30 s, the service after 1 s,
+        with engine.begin() as conn:  # so the service's transaction is the one Postgres aborts
+            conn.execute(sa.text("SET LOCAL deadlock_timeout = '30s'"))
             conn.execute(touch, {"user": "deadlock-b"})
             other_holds_b.set()
             service_holds_a.wait(10)
