@@ -8,7 +8,7 @@
 5. one prompt with differently styled answers is scored for every user (`POST /v1/score`), and each user's
    held-out pairs are compared (`POST /v1/compare`) with their profile and with the population's.
 
-    python -m rewardprism.demo [--workdir runs/demo] [--backbone minilm] [--port 8000]
+    python -m rewardprism.demo [--workdir runs/demo] [--backbone minilm] [--port 8000] [--held-out 300]
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--backbone", default="minilm")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--held-out", type=int, default=N_HELD_OUT, help="pairs per user scored at the end")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a busy 2-core machine starts Ray slowly
@@ -112,7 +113,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster, always
     generator = SyntheticGenerator(seed=0, sharpness=SHARPNESS)
     print(f"[1] {len(DEFAULT_USERS)} simulated users: " + ", ".join(u.name for u in DEFAULT_USERS))
     heads_path = build_head_set(args.workdir, args.backbone, generator)
@@ -120,13 +121,13 @@ def main() -> None:
     port = free_port(args.port)
     start_service(url, args.backbone, port)
     try:
-        run_users(f"http://127.0.0.1:{port}", token, generator)
+        run_users(f"http://127.0.0.1:{port}", token, generator, args.held_out)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def run_users(base: str, token: str, generator: SyntheticGenerator) -> None:
+def run_users(base: str, token: str, generator: SyntheticGenerator, held_out_pairs: int = N_HELD_OUT) -> None:
     client = httpx.Client(base_url=base, headers={"X-API-Key": token}, timeout=120)
     print(f"[4] each user sends {N_FEEDBACK} labelled pairs")
     for user in DEFAULT_USERS:
@@ -154,7 +155,7 @@ def run_users(base: str, token: str, generator: SyntheticGenerator) -> None:
         scores = [item["score"] for item in reply.json()["scores"]]
         print("    " + f"{user.name if user else '(population)':12s}" + "".join(f"{s:16.2f}" for s in scores))
 
-    print(f"    held-out accuracy on {N_HELD_OUT} new pairs per user: personalized vs population profile")
+    print(f"    held-out accuracy on {held_out_pairs} new pairs per user: personalized vs population profile")
     def chosen_wins(pair: PreferencePair, user_id: str | None) -> bool:
         reply = client.post("/v1/compare", json={"user_id": user_id, "prompt": pair.prompt, "a": pair.chosen,
                                                  "b": pair.rejected})
@@ -163,11 +164,11 @@ def run_users(base: str, token: str, generator: SyntheticGenerator) -> None:
 
     with ThreadPoolExecutor(16) as pool:  # requests in flight together: the service batches them
         for user in DEFAULT_USERS:
-            held_out = generator.pairs(user, N_HELD_OUT, offset=2)
+            held_out = generator.pairs(user, held_out_pairs, offset=2)
             personal = sum(pool.map(chosen_wins, held_out, [user.name] * len(held_out)))
             population = sum(pool.map(chosen_wins, held_out, [None] * len(held_out)))
-            print(f"    {user.name:9s} personalized {personal / N_HELD_OUT:.2f}   "
-                  f"population {population / N_HELD_OUT:.2f}")
+            print(f"    {user.name:9s} personalized {personal / held_out_pairs:.2f}   "
+                  f"population {population / held_out_pairs:.2f}")
     print(f"    (one draw of {N_FEEDBACK} labels per user: another draw moves a user's row by a few points either way)")
 
 

@@ -1,0 +1,37 @@
+"""`make demo`, the main job, end to end on the embedded default in a reduced form (10 held-out pairs per user
+instead of 300): its own local Ray, Ray Data embedding with MiniLM, DRM head set, SQLite store, the Serve app
+over HTTP, feedback from four simulated users, and their scores."""
+from __future__ import annotations
+
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from rewardprism.synthetic import DEFAULT_USERS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "rewardprism.demo", "--workdir", str(tmp_path), "--port", str(port),
+                           "--held-out", "10"], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for step in ("[1]", "[2] embedded 800 pairs", "[3] store: sqlite", "[4] each user sends 15 labelled pairs",
+                 "[5] scores for", "held-out accuracy on 10 new pairs per user"):
+        assert step in out, out
+    rows = dict(re.findall(r"^\s+(\w+)\s+personalized (\d\.\d\d)\s+population \d\.\d\d$", out, re.MULTILINE))
+    assert set(rows) == {u.name for u in DEFAULT_USERS}, out
+    with sqlite3.connect(tmp_path / "rewardprism.db") as db:  # what the users' feedback left in the store
+        stored = dict(db.execute("SELECT u.external_id, COUNT(f.id) FROM users u JOIN feedback f ON f.user_id = u.id "
+                                 "GROUP BY u.external_id"))
+        versions = dict(db.execute("SELECT u.external_id, p.version FROM users u JOIN profiles p "
+                                   "ON p.user_id = u.id"))
+    assert stored == {u.name: 15 for u in DEFAULT_USERS}
+    assert versions == {u.name: 1 for u in DEFAULT_USERS}
