@@ -64,6 +64,7 @@ FEEDBACK_ATTEMPTS = 20  # transactions tried per feedback call before answering 
 STORED_METHOD = {"default": "shrink", "hyre": "hyre", "bt": "bt"}
 # A dropped or refused connection, a pool that cannot hand one out: the database is unreachable, not wrong.
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+CONFLICT = "a concurrent change conflicts with this one; retry"  # 409: another writer got there first
 
 
 def _rolled_back_for_a_conflict(exc: Exception) -> bool:
@@ -288,7 +289,7 @@ class ScoringService:
         except DATABASE_DOWN as exc:
             if _rolled_back_for_a_conflict(exc):  # the database is up: another transaction won
                 self.database_ok = True
-                raise ApiError(409, "a concurrent change conflicts with this one; retry") from None
+                raise ApiError(409, CONFLICT) from None
             self.database_ok = False
             log.warning("database unreachable: %s", type(exc.orig if hasattr(exc, "orig") else exc).__name__)
             raise Unavailable("the database is unreachable; try again shortly") from None
@@ -297,7 +298,7 @@ class ScoringService:
         except sa.exc.DataError:  # a value the database cannot hold (out of range, bad encoding)
             raise ApiError(422, "a value in the request cannot be stored") from None
         except sa.exc.IntegrityError:  # a concurrent writer got there first (unique or one-active constraints)
-            raise ApiError(409, "a concurrent change conflicts with this one; retry") from None
+            raise ApiError(409, CONFLICT) from None
         except store.NotFound as exc:
             raise ApiError(404, str(exc)) from None
         except (store.AlreadyExists, store.ProfileConflict) as exc:

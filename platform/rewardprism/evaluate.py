@@ -338,7 +338,8 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
             rows += [evaluate_adaptation(test, n, method=m, prior=prior, seeds=seeds, source=source,
                                          label=f"{_METHOD_NAMES[m]} n={n}, adapted on the other annotator",
                                          center=heads.hyperprior_center) for m in methods]
-    supervised = fit_population_head(data.chosen[data.train], data.rejected[data.train])
+    train_chosen, train_rejected, _ = data.training()
+    supervised = fit_population_head(train_chosen, train_rejected)
     if baselines:
         n = 15 if 15 in n_values else n_values[0]
         for distribution in ("uniform", "gaussian"):
@@ -347,7 +348,6 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
                                             label=f"HyRe n={n}, random {distribution} heads"))
         # One profile over these heads fitted on every training pair (the supervised head's estimator, restricted
         # to the heads): how much of the pooled preference the head set holds. Per-group profiles can beat it.
-        train_chosen, train_rejected, _ = data.training()
         rows.append(fixed_profile(test, fit_population_head(heads.scores(train_chosen), heads.scores(train_rejected)),
                                   f"best profile over these heads, all {len(data.train)} training pairs"))
         rows.append(fixed_profile(data.scored(supervised[None]), np.ones(1),
