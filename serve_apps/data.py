@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import sqlalchemy as sa
 from rewardprism.scoring import Profile, Revision, UserState
-from rewardprism.store import HeadSet, User, verify_api_key
-from rewardprism.store import Profile as ProfileRow
+from rewardprism.store import HeadSetRow, ProfileRow, User, verify_api_key
 from sqlalchemy.orm import Session
 
 
@@ -35,7 +34,7 @@ def read_user_states(session: Session, external_ids: list[str]) -> dict[str, Use
     """Each user's state, in one query without ORM objects (the scoring fast path, for cache misses)."""
     rows = session.execute(
         sa.select(User.external_id, ProfileRow.version, ProfileRow.created_at, ProfileRow.weights, ProfileRow.bias,
-                  HeadSet.content_hash)
+                  HeadSetRow.content_hash)
         .select_from(User).outerjoin(User.profile).outerjoin(ProfileRow.head_set)
         .where(User.external_id.in_(external_ids))).all()
     found = {user: UserState(True, None if version is None else Profile(
@@ -53,8 +52,8 @@ def current_revisions(session: Session, external_ids: list[str]) -> dict[str, Re
     return {user: found.get(user, (False, None, None)) for user in external_ids}
 
 
-def active_head_set(session: Session, name: str) -> HeadSet | None:
-    return session.scalar(sa.select(HeadSet).where(HeadSet.name == name, HeadSet.active))
+def active_head_set(session: Session, name: str) -> HeadSetRow | None:
+    return session.scalar(sa.select(HeadSetRow).where(HeadSetRow.name == name, HeadSetRow.active))
 
 
 def authenticate(session: Session, token: str) -> Caller:

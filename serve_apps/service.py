@@ -59,8 +59,8 @@ R = TypeVar("R")
 # The caller behind REWARDPRISM_ADMIN_KEY; "env:admin" is what the audit log records as its key.
 BOOTSTRAP_ADMIN = data.Caller("env:admin", frozenset({"admin"}), None)
 FEEDBACK_ATTEMPTS = 20  # transactions tried per feedback call before answering 409
-# The store's name for each adaptation method: adapt's `default` shrinks toward the population profile (the
-# store's `default` means the head set's default weights, as after a reset).
+# The stored method of each adaptation method: adapt's `default` shrinks toward the population profile, stored as
+# "shrink" (the stored "default" is store.POPULATION_METHOD: the head set's population weights, as after a reset).
 STORED_METHOD = {"default": "shrink", "hyre": "hyre", "bt": "bt"}
 # A dropped or refused connection, a pool that cannot hand one out: the database is unreachable, not wrong.
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
@@ -129,15 +129,15 @@ def pair_key(prompt: Prompt, chosen: str, rejected: str) -> str:
     return hashlib.sha1(json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()
 
 
-def profile_out(user: str, row: store.Profile | None, served: ServedHeads | None) -> schemas.ProfileOut:
+def profile_out(user: str, row: store.ProfileRow | None, served: ServedHeads | None) -> schemas.ProfileOut:
     """A stored profile, or the served head set's default for a user without one."""
     if row is None:
         if served is None:
             raise Unavailable("no head set is active: activate one (POST /admin/head-sets)")
         heads = served.heads
-        return schemas.ProfileOut(user_id=user, version=None, head_set=served.label, method="default", n_pairs=0,
-                                  bias=0.0, weights=heads.default_weights.tolist(), head_names=heads.head_names,
-                                  updated_at=None)
+        return schemas.ProfileOut(user_id=user, version=None, head_set=served.label, method=store.POPULATION_METHOD,
+                                  n_pairs=0, bias=0.0, weights=heads.default_weights.tolist(),
+                                  head_names=heads.head_names, updated_at=None)
     return schemas.ProfileOut(user_id=user, version=row.version, head_set=row.head_set.label, method=row.method,
                               n_pairs=row.n_pairs, bias=row.bias, weights=list(row.weights),
                               head_names=row.head_set.head_names, updated_at=row.updated_at)
@@ -150,7 +150,7 @@ def user_out(user: store.User, served: ServedHeads | None) -> schemas.UserOut:
                                                                                 served))
 
 
-def head_set_out(row: store.HeadSet) -> schemas.HeadSetOut:
+def head_set_out(row: store.HeadSetRow) -> schemas.HeadSetOut:
     return schemas.HeadSetOut(name=row.name, version=row.version, kind=row.kind, backbone=row.backbone, dim=row.dim,
                               num_heads=row.num_heads, content_hash=row.content_hash, uri=row.uri,
                               active=row.active, created_at=row.created_at)
@@ -484,9 +484,9 @@ class ScoringService:
     def _append_feedback(self, session: Session, user: str, pairs: list[FeedbackPair], served: ServedHeads,
                          known: dict[str, np.ndarray]) -> tuple[Profile, schemas.ProfileOut]:
         method = self.settings.adaptation
-        head_set_row = session.get(store.HeadSet, served.row_id)
+        head_set_row = session.get(store.HeadSetRow, served.row_id)
 
-        def adapt(current: store.Profile | None, history: Sequence[Feedback]) -> ProfileUpdate:
+        def adapt(current: store.ProfileRow | None, history: Sequence[Feedback]) -> ProfileUpdate:
             keys = [pair_key(f.prompt, f.chosen, f.rejected) for f in history]
             missing = [FeedbackPair(f.prompt, f.chosen, f.rejected) for f, k in zip(history, keys) if k not in known]
             if missing:
@@ -611,14 +611,14 @@ class ScoringService:
                 current = store.get_user(session, user).profile
                 expected = None if current is None else current.version
             row = store.save_profile(session, user, body.weights, bias=body.bias, method="manual",
-                                     expected_version=expected, head_set=session.get(store.HeadSet, served.row_id))
+                                     expected_version=expected, head_set=session.get(store.HeadSetRow, served.row_id))
             return profile_out(user, row, served)
         return await self.admin(caller, "profile.set", user, save, details={"bias": body.bias})
 
     async def reset(self, caller: data.Caller, user: str) -> schemas.ProfileOut:
         served = self.heads()
         return await self.admin(caller, "profile.reset", user, lambda session: profile_out(
-            user, store.reset_profile(session, user, session.get(store.HeadSet, served.row_id)), served))
+            user, store.reset_profile(session, user, session.get(store.HeadSetRow, served.row_id)), served))
 
     async def list_head_sets(self, caller: data.Caller) -> list[schemas.HeadSetOut]:
         return await self.admin_read(caller, lambda session: [head_set_out(h) for h in store.list_head_sets(session)])

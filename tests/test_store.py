@@ -27,14 +27,14 @@ from rewardprism.store import (
     AuditEntry,
     Feedback,
     FeedbackPair,
-    HeadSet,
+    HeadSetRow,
     InvalidApiKey,
     InvalidInput,
     Limits,
     MissingScope,
     NotFound,
-    Profile,
     ProfileConflict,
+    ProfileRow,
     ProfileUpdate,
     StoreSettings,
     UserDisabled,
@@ -120,7 +120,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def register(session: Session, version: str = "1", *, activate: bool = True, content_hash: str | None = None,
-             default_weights: Sequence[float] = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)) -> HeadSet:
+             default_weights: Sequence[float] = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)) -> HeadSetRow:
     return register_head_set(
         session, name="drm-test", version=version, kind="drm", backbone="minilm", dim=8, num_heads=len(HEADS),
         head_names=HEADS, default_weights=default_weights, uri=f"/tmp/heads/{version}",
@@ -141,11 +141,11 @@ def pair(i: int, **overrides: object) -> FeedbackPair:
     return replace(FeedbackPair(f"prompt {i}", f"good answer {i}", f"bad answer {i}"), **overrides)
 
 
-def counting_adapter(session: Session) -> Callable[[Profile | None, Sequence[Feedback]], ProfileUpdate]:
+def counting_adapter(session: Session) -> Callable[[ProfileRow | None, Sequence[Feedback]], ProfileUpdate]:
     """Weights that record how many pairs the adapter saw: a lost update shows up as a short count."""
     head_set = get_head_set(session, "drm-test")
 
-    def adapt(profile: Profile | None, history: Sequence[Feedback]) -> ProfileUpdate:
+    def adapt(profile: ProfileRow | None, history: Sequence[Feedback]) -> ProfileUpdate:
         return ProfileUpdate(weights=[float(len(history))] + [0.0] * (len(HEADS) - 1), method="hyre",
                              head_set=head_set)
 
@@ -214,7 +214,7 @@ def test_concurrent_feedback_loses_no_update(seeded: Store) -> None:
     wins = []
 
     def writer(i: int) -> None:
-        def work(s: Session) -> Profile:
+        def work(s: Session) -> ProfileRow:
             attempts.append(i)
             return append_feedback_and_update_profile(s, "alice", [pair(i)], counting_adapter(s))
 
@@ -321,7 +321,7 @@ def test_an_open_profile_write_does_not_hold_up_an_activation(seeded: Store) -> 
 
 
 def test_a_failing_adapter_writes_nothing(seeded: Store) -> None:
-    def broken(profile: Profile | None, history: Sequence[Feedback]) -> ProfileUpdate:
+    def broken(profile: ProfileRow | None, history: Sequence[Feedback]) -> ProfileUpdate:
         raise RuntimeError("adapter crashed")
 
     before = seeded.counts()
@@ -635,10 +635,10 @@ def test_one_active_version_per_head_set_name(seeded: Store) -> None:
         activate_head_set(s, "drm-test", "2")
     with seeded.sessions() as s:
         assert get_head_set(s, "drm-test").version == "2"
-        assert s.scalar(sa.select(sa.func.count()).where(HeadSet.active)) == 1
+        assert s.scalar(sa.select(sa.func.count()).where(HeadSetRow.active)) == 1
     # The database itself refuses a second active version, whatever the code does.
     with pytest.raises(sa.exc.IntegrityError), seeded.sessions.begin() as s:
-        s.execute(sa.update(HeadSet).values(active=True))
+        s.execute(sa.update(HeadSetRow).values(active=True))
 
 
 # ---------------------------------------------------------------------------------------------- API keys

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from rewardprism.store import (
     SCOPES,
     Feedback,
-    HeadSet,
+    HeadSetRow,
     StoreError,
     StoreSettings,
     User,
@@ -145,7 +145,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     typer.echo("\n".join(lines))
 
 
-def _pick_head_set(session: Session, user: User, name: str | None) -> HeadSet:
+def _pick_head_set(session: Session, user: User, name: str | None) -> HeadSetRow:
     """--head-set NAME: its active version; else the profile's own head set; else the only active one."""
     if name is not None:
         return get_head_set(session, name)

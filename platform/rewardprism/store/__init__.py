@@ -21,13 +21,14 @@ from rewardprism.store.errors import (
 )
 from rewardprism.store.models import (
     KINDS,
-    METHODS,
+    POPULATION_METHOD,
+    PROFILE_METHODS,
     SCOPES,
     ApiKey,
     AuditEntry,
     Feedback,
-    HeadSet,
-    Profile,
+    HeadSetRow,
+    ProfileRow,
     User,
 )
 from rewardprism.store.repository import (
@@ -62,9 +63,9 @@ from rewardprism.store.repository import (
 )
 
 __all__ = [
-    "DEFAULT_URL", "KINDS", "METHODS", "SCOPES",
-    "Adapter", "AlreadyExists", "ApiKey", "AuditEntry", "Feedback", "FeedbackPair", "HeadSet",
-    "InvalidApiKey", "InvalidInput", "Limits", "MissingScope", "NotFound", "Page", "Profile",
+    "DEFAULT_URL", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES",
+    "Adapter", "AlreadyExists", "ApiKey", "AuditEntry", "Feedback", "FeedbackPair", "HeadSetRow",
+    "InvalidApiKey", "InvalidInput", "Limits", "MissingScope", "NotFound", "Page", "ProfileRow",
     "ProfileConflict", "ProfileUpdate", "StoreError", "StoreSettings", "User", "UserDisabled",
     "activate_head_set", "append_feedback_and_update_profile", "check_feedback_pair", "commit_with_retry",
     "create_api_key", "create_user", "delete_user", "export_user", "get_head_set", "get_or_create_user", "get_profile",

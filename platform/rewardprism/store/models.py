@@ -3,6 +3,9 @@
 Portable across Postgres (production) and SQLite (the embedded default): JSON documents are JSONB on Postgres,
 weight vectors a native `double precision[]` there and JSON lists on SQLite. Alembic owns the schema
 (`migrations/`); `metadata.create_all` is not used, and `alembic check` keeps the two in step.
+
+`HeadSetRow` and `ProfileRow` carry a suffix because the numeric classes they record are `rewardprism.heads.HeadSet`
+and `rewardprism.scoring.Profile`; the other tables have no namesake and keep plain names.
 """
 from __future__ import annotations
 
@@ -21,7 +24,11 @@ VERSION_MAX = 64
 SOURCE_MAX = 64
 URI_MAX = 1024
 
-METHODS = ("hyre", "bt", "manual", "default", "shrink")  # how a profile's weights were obtained
+# How a profile's weights were obtained: stored values of `profiles.method`, not rewardprism.adapt's method names
+# (adapt's `default`, the hierarchical Bradley-Terry, is stored as "shrink"). The stored "default" means the head
+# set's population weights (`default_weights`), as after a reset: POPULATION_METHOD names it in code.
+POPULATION_METHOD = "default"
+PROFILE_METHODS = ("hyre", "bt", "manual", POPULATION_METHOD, "shrink")
 KINDS = ("drm", "vrm", "bt")  # what produced a head set
 SCOPES = ("score", "feedback", "admin")  # what an API key may do; admin implies the others
 
@@ -90,12 +97,12 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(default=False)
 
     # Deleting a user deletes their profile, feedback and keys in the database (ON DELETE CASCADE).
-    profile: Mapped[Profile | None] = relationship(
+    profile: Mapped[ProfileRow | None] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True
     )
 
 
-class HeadSet(Base):
+class HeadSetRow(Base):
     """The registry entry of one saved version of a rewardprism.heads.HeadSet (the files live at `uri`).
 
     At most one version per name is active: the one services load.
@@ -131,7 +138,7 @@ class HeadSet(Base):
         return f"{self.name}@{self.version}"
 
 
-class Profile(Base):
+class ProfileRow(Base):
     """A user's weights over one head-set version. Scores are `weights · head_scores + bias`.
 
     `version` is the optimistic lock: every ORM update runs `... WHERE version = <loaded>` and bumps it, so
@@ -140,7 +147,7 @@ class Profile(Base):
 
     __tablename__ = "profiles"
     __table_args__ = (
-        sa.CheckConstraint(_one_of("method", METHODS), name="method"),
+        sa.CheckConstraint(_one_of("method", PROFILE_METHODS), name="method"),
         sa.CheckConstraint("n_pairs >= 0", name="n_pairs"),
     )
 
@@ -156,7 +163,7 @@ class Profile(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     user: Mapped[User] = relationship(back_populates="profile")
-    head_set: Mapped[HeadSet] = relationship()
+    head_set: Mapped[HeadSetRow] = relationship()
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"version_id_col": version}
 

@@ -40,8 +40,9 @@ from rewardprism.store.models import (
     EXTERNAL_ID_MAX,
     HEAD_SET_NAME_MAX,
     KINDS,
-    METHODS,
     NAME_MAX,
+    POPULATION_METHOD,
+    PROFILE_METHODS,
     SCOPES,
     SOURCE_MAX,
     URI_MAX,
@@ -49,8 +50,8 @@ from rewardprism.store.models import (
     ApiKey,
     AuditEntry,
     Feedback,
-    HeadSet,
-    Profile,
+    HeadSetRow,
+    ProfileRow,
     User,
     utcnow,
 )
@@ -84,11 +85,11 @@ class ProfileUpdate:
     weights: Sequence[float]
     method: str
     bias: float = 0.0
-    head_set: HeadSet | None = None  # None keeps the profile's; required for a user's first profile
+    head_set: HeadSetRow | None = None  # None keeps the profile's; required for a user's first profile
 
 
 # Given the profile (None before the first) and all of the user's feedback, oldest first (the new pairs last).
-Adapter = Callable[[Profile | None, Sequence[Feedback]], ProfileUpdate]
+Adapter = Callable[[ProfileRow | None, Sequence[Feedback]], ProfileUpdate]
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def _finite(value: object, what: str) -> float:
     return float(value)
 
 
-def _vector(values: Iterable[object], head_set: HeadSet | int, what: str = "weights") -> list[float]:
+def _vector(values: Iterable[object], head_set: HeadSetRow | int, what: str = "weights") -> list[float]:
     """Finite floats, one per head of `head_set` (or a count, while the head set is being registered)."""
     try:
         vector = [_finite(v, f"{what}[{i}]") for i, v in enumerate(values)]
@@ -246,9 +247,9 @@ def _find_user(session: Session, external_id: str) -> User | None:
     query = (
         sa.select(User)
         .outerjoin(User.profile)
-        .outerjoin(Profile.head_set)
+        .outerjoin(ProfileRow.head_set)
         .where(User.external_id == external_id)
-        .options(contains_eager(User.profile).contains_eager(Profile.head_set))
+        .options(contains_eager(User.profile).contains_eager(ProfileRow.head_set))
     )
     return session.scalars(query).unique().one_or_none()
 
@@ -323,18 +324,18 @@ def list_users(
     """Users in creation order, each with its profile loaded; `search` matches external id or display name."""
     if offset < 0 or not 1 <= limit <= MAX_PAGE:
         raise InvalidInput(f"need offset >= 0 and 1 <= limit <= {MAX_PAGE}; got {offset} and {limit}")
-    query = sa.select(User).outerjoin(User.profile).outerjoin(Profile.head_set)
+    query = sa.select(User).outerjoin(User.profile).outerjoin(ProfileRow.head_set)
     if search:
         query = query.where(sa.or_(User.external_id.icontains(search, autoescape=True),
                                   User.display_name.icontains(search, autoescape=True)))
     if disabled is not None:
         query = query.where(User.disabled == disabled)
     if method is not None:
-        query = query.where(Profile.method == _choice(method, "method", METHODS))
+        query = query.where(ProfileRow.method == _choice(method, "method", PROFILE_METHODS))
     if head_set_name is not None:
-        query = query.where(HeadSet.name == head_set_name)
+        query = query.where(HeadSetRow.name == head_set_name)
     total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
-    page = query.options(contains_eager(User.profile).contains_eager(Profile.head_set))
+    page = query.options(contains_eager(User.profile).contains_eager(ProfileRow.head_set))
     items = session.scalars(page.order_by(User.id).offset(offset).limit(limit)).unique().all()
     return Page(items=list(items), total=total, offset=offset, limit=limit)
 
@@ -348,24 +349,24 @@ def delete_user(session: Session, external_id: str) -> None:
 # ---------------------------------------------------------------------------------------------- profiles
 
 
-def get_profile(session: Session, external_id: str) -> Profile | None:
+def get_profile(session: Session, external_id: str) -> ProfileRow | None:
     """The user's profile with its user and head set, in one query: the scoring fast path."""
     query = (
-        sa.select(Profile)
-        .join(Profile.user)
-        .join(Profile.head_set)
+        sa.select(ProfileRow)
+        .join(ProfileRow.user)
+        .join(ProfileRow.head_set)
         .where(User.external_id == external_id)
-        .options(contains_eager(Profile.user), contains_eager(Profile.head_set))
+        .options(contains_eager(ProfileRow.user), contains_eager(ProfileRow.head_set))
     )
     return session.scalars(query).one_or_none()
 
 
 def _checked(
-    update: ProfileUpdate, head_set: HeadSet, n_pairs: int | None
+    update: ProfileUpdate, head_set: HeadSetRow, n_pairs: int | None
 ) -> tuple[list[float], float, str]:
     if n_pairs is not None and not 0 <= n_pairs <= MAX_COUNT:
         raise InvalidInput(f"n_pairs must be from 0 to {MAX_COUNT}, got {n_pairs}")
-    method = _choice(update.method, "method", METHODS)
+    method = _choice(update.method, "method", PROFILE_METHODS)
     return _vector(update.weights, head_set), _finite(update.bias, "bias"), method
 
 
@@ -376,7 +377,7 @@ def _write_profile(
     update: ProfileUpdate,
     n_pairs: int | None,
     new_feedback: Sequence[Feedback] = (),
-) -> Profile:
+) -> ProfileRow:
     """Check everything, then add `new_feedback` and write the profile: on any error nothing was added."""
     external_id = user.external_id  # for the errors: a failed flush expires `user`
     if user.disabled:
@@ -392,7 +393,7 @@ def _write_profile(
         row.user_id = user.id
     session.add_all(new_feedback)
     if profile is None:
-        profile = Profile(user=user, head_set=head_set, weights=weights, bias=bias, method=method,
+        profile = ProfileRow(user=user, head_set=head_set, weights=weights, bias=bias, method=method,
                           n_pairs=n_pairs or 0)
         session.add(profile)
     else:
@@ -416,8 +417,8 @@ def save_profile(
     method: str,
     bias: float = 0.0,
     n_pairs: int | None = None,
-    head_set: HeadSet | None = None,
-) -> Profile:
+    head_set: HeadSetRow | None = None,
+) -> ProfileRow:
     """Write the user's weights if their profile is still at `expected_version` (None: they have none yet).
 
     Raises ProfileConflict when another writer got there first: roll back and retry (see commit_with_retry).
@@ -427,10 +428,10 @@ def save_profile(
     return _write_profile(session, get_user(session, external_id), expected_version, update, n_pairs)
 
 
-def reset_profile(session: Session, external_id: str, head_set: HeadSet) -> Profile:
+def reset_profile(session: Session, external_id: str, head_set: HeadSetRow) -> ProfileRow:
     """Back to `head_set`'s default weights, as if the user had given no feedback."""
     user = get_user(session, external_id)
-    update = ProfileUpdate(weights=head_set.default_weights, method="default", head_set=head_set)
+    update = ProfileUpdate(weights=head_set.default_weights, method=POPULATION_METHOD, head_set=head_set)
     return _write_profile(session, user, user.profile.version if user.profile else None, update, n_pairs=0)
 
 
@@ -441,7 +442,7 @@ def append_feedback_and_update_profile(
     adapt: Adapter,
     *,
     limits: Limits = DEFAULT_LIMITS,
-) -> Profile:
+) -> ProfileRow:
     """Store the user's new pairs and re-adapt their profile from all their feedback, in one transaction.
 
     `adapt` sees the stored pairs and then the new ones (not yet written); nothing is written unless its
@@ -563,14 +564,14 @@ def register_head_set(
     uri: str,
     content_hash: str,
     activate: bool = False,
-) -> HeadSet:
+) -> HeadSetRow:
     """Record a saved head set; registering the same name, version and content again is a no-op."""
     if not (isinstance(dim, int) and isinstance(num_heads, int) and dim > 0 and num_heads > 0):
         raise InvalidInput(f"dim and num_heads must be positive integers, got {dim!r} and {num_heads!r}")
     names = [_text(n, f"head_names[{i}]", NAME_MAX, empty_ok=False) for i, n in enumerate(head_names)]
     if len(names) != num_heads:
         raise InvalidInput(f"{len(names)} head names for {num_heads} heads")
-    head_set = HeadSet(
+    head_set = HeadSetRow(
         name=_text(name, "head set name", HEAD_SET_NAME_MAX, empty_ok=False),
         version=_text(version, "head set version", VERSION_MAX, empty_ok=False),
         kind=_choice(kind, "kind", KINDS),
@@ -582,14 +583,14 @@ def register_head_set(
         uri=_text(uri, "uri", URI_MAX, empty_ok=False),
         content_hash=_text(content_hash, "content_hash", 128, empty_ok=False),
     )
-    same_version = (HeadSet.name == name) & (HeadSet.version == version)
-    existing = session.scalar(sa.select(HeadSet).where(same_version))
+    same_version = (HeadSetRow.name == name) & (HeadSetRow.version == version)
+    existing = session.scalar(sa.select(HeadSetRow).where(same_version))
     if existing is None:
         try:
             with session.begin_nested():  # a savepoint: a concurrent registration may win the insert
                 session.add(head_set)
         except IntegrityError:
-            existing = session.scalar(sa.select(HeadSet).where(same_version))
+            existing = session.scalar(sa.select(HeadSetRow).where(same_version))
             if existing is None:
                 raise
     if existing is not None and existing.content_hash != content_hash:
@@ -598,10 +599,10 @@ def register_head_set(
     return activate_head_set(session, name, version) if activate else existing or head_set
 
 
-def get_head_set(session: Session, name: str, version: str | None = None) -> HeadSet:
+def get_head_set(session: Session, name: str, version: str | None = None) -> HeadSetRow:
     """A registered version, or the active one of `name` when `version` is None."""
-    query = sa.select(HeadSet).where(HeadSet.name == name)
-    query = query.where(HeadSet.active if version is None else HeadSet.version == version)
+    query = sa.select(HeadSetRow).where(HeadSetRow.name == name)
+    query = query.where(HeadSetRow.active if version is None else HeadSetRow.version == version)
     head_set = session.scalar(query)
     if head_set is None:
         raise NotFound(f"no active head set named {name!r}" if version is None
@@ -609,12 +610,12 @@ def get_head_set(session: Session, name: str, version: str | None = None) -> Hea
     return head_set
 
 
-def list_head_sets(session: Session, name: str | None = None) -> list[HeadSet]:
-    query = sa.select(HeadSet).order_by(HeadSet.name, HeadSet.created_at, HeadSet.id)
-    return list(session.scalars(query if name is None else query.where(HeadSet.name == name)))
+def list_head_sets(session: Session, name: str | None = None) -> list[HeadSetRow]:
+    query = sa.select(HeadSetRow).order_by(HeadSetRow.name, HeadSetRow.created_at, HeadSetRow.id)
+    return list(session.scalars(query if name is None else query.where(HeadSetRow.name == name)))
 
 
-def activate_head_set(session: Session, name: str, version: str) -> HeadSet:
+def activate_head_set(session: Session, name: str, version: str) -> HeadSetRow:
     """Make this version the one served for `name`; the previously active one is deactivated."""
     # Concurrent activations of one name queue here, on a transaction-scoped lock on the name (new names
     # included, which have no committed rows to lock). Without it two of them lock each other's rows in the
@@ -624,7 +625,7 @@ def activate_head_set(session: Session, name: str, version: str) -> HeadSet:
         session.execute(sa.select(sa.func.pg_advisory_xact_lock(ACTIVATION_LOCK, sa.func.hashtext(name))))
     head_set = get_head_set(session, name, version)
     # Deactivate first: the partial unique index allows one active row per name at any moment.
-    others = sa.update(HeadSet).where(HeadSet.name == name, HeadSet.id != head_set.id)
+    others = sa.update(HeadSetRow).where(HeadSetRow.name == name, HeadSetRow.id != head_set.id)
     session.execute(others.values(active=False))
     head_set.active = True
     session.flush()
