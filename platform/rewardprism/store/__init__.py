@@ -5,10 +5,16 @@
     profile = commit_with_retry(  # one transaction, rerun on ProfileConflict
         sessions, lambda s: append_feedback_and_update_profile(s, "alice", pairs, adapt))
 
-Schema changes go through Alembic (`rewardprism db upgrade`); helpers never commit (see repository.py).
+Helpers never commit: the caller owns the transaction (as in the full-stack FastAPI template), so "store the
+feedback and update the profile" commits or rolls back as one; `commit_with_retry` is the one wrapper that
+commits. Every write validates its input first (`checks`) and raises a StoreError subclass before touching the
+database, so bad input leaves nothing behind. One module per kind of record: `users`, `profiles` (and
+feedback), `head_sets`, `keys`, `audit`, and `export` across them. Schema changes go through Alembic
+(`rewardprism db upgrade`).
 """
+from rewardprism.store.audit import record_audit
 from rewardprism.store.config import DEFAULT_URL, Limits, StoreSettings, safe_url
-from rewardprism.store.engine import make_engine, make_sessions
+from rewardprism.store.engine import commit_with_retry, make_engine, make_sessions
 from rewardprism.store.errors import (
     AlreadyExists,
     InvalidApiKey,
@@ -19,6 +25,9 @@ from rewardprism.store.errors import (
     StoreError,
     UserDisabled,
 )
+from rewardprism.store.export import export_user, import_user
+from rewardprism.store.head_sets import activate_head_set, get_head_set, list_head_sets, register_head_set
+from rewardprism.store.keys import create_api_key, list_api_keys, revoke_api_key, verify_api_key
 from rewardprism.store.models import (
     KINDS,
     POPULATION_METHOD,
@@ -31,35 +40,25 @@ from rewardprism.store.models import (
     ProfileRow,
     User,
 )
-from rewardprism.store.repository import (
+from rewardprism.store.profiles import (
     Adapter,
     FeedbackPair,
-    Page,
     ProfileUpdate,
-    activate_head_set,
     append_feedback_and_update_profile,
     check_feedback_pair,
-    commit_with_retry,
-    create_api_key,
+    get_profile,
+    list_feedback,
+    reset_profile,
+    save_profile,
+)
+from rewardprism.store.users import (
+    Page,
     create_user,
     delete_user,
-    export_user,
-    get_head_set,
     get_or_create_user,
-    get_profile,
     get_user,
-    import_user,
-    list_api_keys,
-    list_feedback,
-    list_head_sets,
     list_users,
-    record_audit,
-    register_head_set,
-    reset_profile,
-    revoke_api_key,
-    save_profile,
     set_user_disabled,
-    verify_api_key,
 )
 
 __all__ = [

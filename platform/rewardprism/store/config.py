@@ -24,6 +24,9 @@ class Limits:
     max_metadata_bytes: int = 16_384  # user metadata and audit details, as JSON
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True)
 class StoreSettings:
     database_url: str = DEFAULT_URL

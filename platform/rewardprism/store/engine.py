@@ -1,16 +1,22 @@
-"""Engines and session factories, with the per-backend settings the repository relies on."""
+"""Engines and session factories, with the per-backend settings the store relies on, and the one helper that commits."""
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from rewardprism.store.config import StoreSettings, safe_url
+from rewardprism.store.errors import ProfileConflict
 
 log = logging.getLogger(__name__)
 READ_ONLY = "rewardprism_read_only"  # an execution option: sessions that only read
+T = TypeVar("T")
 
 
 def make_engine(settings: StoreSettings) -> sa.Engine:
@@ -53,3 +59,22 @@ def make_sessions(engine: sa.Engine, *, read_only: bool = False) -> sessionmaker
     """
     return sessionmaker(engine.execution_options(**{READ_ONLY: True}) if read_only else engine,
                         expire_on_commit=False)
+
+
+def commit_with_retry(
+    sessions: sessionmaker[Session], work: Callable[[Session], T], *, attempts: int = 10
+) -> T:
+    """Run `work` in a transaction of its own and commit it; on ProfileConflict roll back and run it again.
+
+    Only conflicts are retried: after a lost connection the commit may or may not have happened.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with sessions.begin() as session:
+                return work(session)
+        except ProfileConflict:
+            if attempt >= attempts:
+                raise
+            time.sleep(random.uniform(0, 0.002 * attempt))  # jitter: the losers should not collide again
