@@ -1,4 +1,4 @@
-"""HTTP routes over a `ScoringService`: parse, authenticate, call the service, turn its errors into statuses.
+"""HTTP routes over a `ScoringService` and its `AdminOperations`: parse, authenticate, call, map errors to statuses.
 
 Errors are JSON: `{"detail": "message"}`, and for 422 FastAPI's own list `{"detail": [{"loc": [...], "msg": ...}]}`
 so a client reads one shape for every invalid field, whether pydantic or the service found it.
@@ -14,6 +14,7 @@ from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_apps import schemas
+from serve_apps.admin import AdminOperations
 from serve_apps.data import Caller
 from serve_apps.service import ApiError, ScoringService
 
@@ -59,6 +60,7 @@ def create_api(service: ScoringService) -> FastAPI:
                   description="Personalized reward scores: one backbone pass shared by all users, each user's "
                               "own weights over the served head set. See docs/serve.md.")
     api.state.service = service
+    admin = AdminOperations(service)
     api.add_middleware(BodyLimit, service=service)
 
     @api.exception_handler(RequestValidationError)
@@ -100,7 +102,7 @@ def create_api(service: ScoringService) -> FastAPI:
 
     @api.post("/admin/users", response_model=schemas.UserOut, status_code=201, tags=["admin"])
     async def create_user(body: schemas.UserCreate, who: Auth) -> schemas.UserOut:
-        return await service.create_user(who, body)
+        return await admin.create_user(who, body)
 
     @api.get("/admin/users", response_model=schemas.UserPage, tags=["admin"])
     async def list_users(who: Auth, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
@@ -108,34 +110,34 @@ def create_api(service: ScoringService) -> FastAPI:
                          search: Annotated[str | None, Query(max_length=schemas.EXTERNAL_ID_MAX,
                                                              pattern=schemas.NO_NUL)] = None,
                          disabled: bool | None = None) -> schemas.UserPage:
-        return await service.list_users(who, offset, limit, search, disabled)
+        return await admin.list_users(who, offset, limit, search, disabled)
 
     @api.get("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"])
     async def get_user(user_id: UserPath, who: Auth) -> schemas.UserOut:
-        return await service.get_user(who, user_id)
+        return await admin.get_user(who, user_id)
 
     @api.patch("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"])
     async def patch_user(user_id: UserPath, body: schemas.UserPatch, who: Auth) -> schemas.UserOut:
-        return await service.set_disabled(who, user_id, body.disabled)
+        return await admin.set_disabled(who, user_id, body.disabled)
 
     @api.delete("/admin/users/{user_id}", status_code=204, tags=["admin"])
     async def delete_user(user_id: UserPath, who: Auth) -> Response:
         """Delete the user with their profile, feedback and bound API keys."""
-        await service.delete_user(who, user_id)
+        await admin.delete_user(who, user_id)
         return Response(status_code=204)
 
     @api.post("/admin/users/{user_id}/reset", response_model=schemas.ProfileOut, tags=["admin"])
     async def reset(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
         """Back to the served head set's default weights (feedback is kept)."""
-        return await service.reset(who, user_id)
+        return await admin.reset(who, user_id)
 
     @api.put("/admin/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["admin"])
     async def set_weights(user_id: UserPath, body: schemas.WeightsIn, who: Auth) -> schemas.ProfileOut:
-        return await service.set_weights(who, user_id, body)
+        return await admin.set_weights(who, user_id, body)
 
     @api.get("/admin/users/{user_id}/export", tags=["admin"])
     async def export_user(user_id: UserPath, who: Auth) -> dict[str, Any]:
-        return await service.export_user(who, user_id)
+        return await admin.export_user(who, user_id)
 
     @api.post("/admin/users/import", response_model=schemas.UserOut, status_code=201, tags=["admin"])
     async def import_user(export: Annotated[dict[str, Any], Body()], who: Auth) -> schemas.UserOut:
@@ -144,38 +146,38 @@ def create_api(service: ScoringService) -> FastAPI:
             schemas.storable_json(export)
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
-        return await service.import_user(who, export)
+        return await admin.import_user(who, export)
 
     @api.get("/admin/head-sets", response_model=list[schemas.HeadSetOut], tags=["admin"])
     async def list_head_sets(who: Auth) -> list[schemas.HeadSetOut]:
-        return await service.list_head_sets(who)
+        return await admin.list_head_sets(who)
 
     @api.post("/admin/head-sets", response_model=schemas.HeadSetOut, status_code=201, tags=["admin"])
     async def register_head_set(body: schemas.HeadSetIn, who: Auth) -> schemas.HeadSetOut:
-        return await service.register_head_set(who, body)
+        return await admin.register_head_set(who, body)
 
     @api.post("/admin/head-sets/{name}/{version}/activate", response_model=schemas.HeadSetOut, tags=["admin"])
     async def activate_head_set(name: Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)],
                                 version: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)],
                                 who: Auth) -> schemas.HeadSetOut:
         """Serve this version of `name` from now on (profiles over another version fall back to the default)."""
-        return await service.activate_head_set(who, name, version)
+        return await admin.activate_head_set(who, name, version)
 
     @api.post("/admin/keys", response_model=schemas.KeyCreated, status_code=201, tags=["admin"])
     async def create_key(body: schemas.KeyCreate, who: Auth) -> schemas.KeyCreated:
         """A new API key; its token is in this response only."""
-        return await service.create_key(who, body)
+        return await admin.create_key(who, body)
 
     @api.get("/admin/keys", response_model=list[schemas.KeyOut], tags=["admin"])
     async def list_keys(who: Auth, revoked: bool = False) -> list[schemas.KeyOut]:
         """Keys without their secrets; `revoked=true` lists revoked ones too."""
-        return await service.list_keys(who, revoked)
+        return await admin.list_keys(who, revoked)
 
     @api.delete("/admin/keys/{prefix}", response_model=schemas.KeyOut, tags=["admin"])
     async def revoke_key(prefix: Annotated[str, Path(min_length=1, max_length=16, pattern=r"^[0-9a-f]+$")],
                          who: Auth) -> schemas.KeyOut:
         """Revoke a key: refused at once on this replica, on the others within `auth_cache_s`."""
-        return await service.revoke_key(who, prefix)
+        return await admin.revoke_key(who, prefix)
 
     @api.get("/healthz", response_model=schemas.Health, tags=["ops"])
     async def healthz() -> schemas.Health:

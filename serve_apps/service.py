@@ -12,7 +12,7 @@ database returns works again: the engine re-connects (pool pre-ping), and nothin
 Profiles are cached per replica by (user, revision). Every score request checks its user's current revision
 with the store — one small query for all the requests that arrive together (`Coalesced`) — so a profile
 written by any replica is used by the very next request anywhere, and a cached one costs no more than that
-check. The active head set is re-read every `head_set_poll_s`.
+check. The active head set is re-read every `head_set_poll_s`. The admin operations are `serve_apps.admin`.
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -50,6 +49,7 @@ from rewardprism.store import Feedback, FeedbackPair, ProfileUpdate
 from sqlalchemy.orm import Session
 
 from serve_apps import data, schemas
+from serve_apps.coalesce import Coalesced
 from serve_apps.settings import ServeSettings
 
 log = logging.getLogger("ray.serve.rewardprism")  # under ray.serve: its handlers write the replica logs
@@ -142,67 +142,6 @@ def profile_out(user: str, row: store.ProfileRow | None, served: ServedHeads | N
                               n_pairs=row.n_pairs, bias=row.bias, weights=list(row.weights),
                               head_names=row.head_set.head_names, updated_at=row.updated_at)
 
-
-def user_out(user: store.User, served: ServedHeads | None) -> schemas.UserOut:
-    return schemas.UserOut(external_id=user.external_id, display_name=user.display_name, metadata=user.meta,
-                           disabled=user.disabled, created_at=user.created_at,
-                           profile=None if user.profile is None else profile_out(user.external_id, user.profile,
-                                                                                served))
-
-
-def head_set_out(row: store.HeadSetRow) -> schemas.HeadSetOut:
-    return schemas.HeadSetOut(name=row.name, version=row.version, kind=row.kind, backbone=row.backbone, dim=row.dim,
-                              num_heads=row.num_heads, content_hash=row.content_hash, uri=row.uri,
-                              active=row.active, created_at=row.created_at)
-
-
-def key_out(key: store.ApiKey) -> schemas.KeyOut:
-    return schemas.KeyOut(prefix=key.prefix, name=key.name, scopes=key.scopes,
-                          user_id=None if key.user is None else key.user.external_id, created_at=key.created_at,
-                          revoked_at=key.revoked_at)
-
-
-class Coalesced(Generic[R]):
-    """One query at a time for every key waiting: `await lookup(key)` joins the next query of `work`.
-
-    While a query runs, new keys gather for the next one, so the database sees one query per wave of requests,
-    not one per request; and a hung database ties up one connection, not all of them.
-    """
-
-    def __init__(self, read: Callable[..., Awaitable[dict[str, R]]],
-                 work: Callable[[Session, list[str]], dict[str, R]]):
-        self.read, self.work = read, work
-        self.waiting: dict[str, list[asyncio.Future]] = {}
-        self.running: asyncio.Task | None = None
-
-    async def __call__(self, key: str, timeout_s: float | None = None) -> R:
-        """The result for `key`; TimeoutError past `timeout_s` (the query goes on for the others)."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a waiter that timed out won't look
-        self.waiting.setdefault(key, []).append(future)
-        if self.running is None:
-            self.running = loop.create_task(self._run())
-        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-
-    async def _run(self) -> None:
-        try:
-            while self.waiting:
-                batch, self.waiting = self.waiting, {}
-                try:
-                    results = await self.read(self.work, list(batch))
-                except Exception as exc:  # noqa: BLE001 (every waiter gets it: Unavailable, mostly)
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    continue
-                for key, futures in batch.items():
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(results[key])
-        finally:
-            self.running = None
 
 
 class ScoringService:
@@ -355,12 +294,6 @@ class ScoringService:
                 raise ApiError(403, "this API key is bound to another user")
             return caller.user
         return user
-
-    @staticmethod
-    def authorize_admin(caller: data.Caller) -> None:
-        if not caller.allows("admin") or caller.user is not None:
-            raise ApiError(403, "admin calls need an API key with the 'admin' scope, not bound to a user")
-
     # ------------------------------------------------------------------------------------------ scoring
 
     def heads(self) -> ServedHeads:
@@ -540,129 +473,6 @@ class ScoringService:
         self.authorize(caller, "score", user)
         served = self.served
         return await self.read(lambda session: profile_out(user, store.get_user(session, user).profile, served))
-
-    # ------------------------------------------------------------------------------------------ admin
-
-    async def admin(self, caller: data.Caller, action: str, target: str, work: Callable[[Session], T],
-                    details: dict[str, Any] | None = None) -> T:
-        """An admin write and its audit entry, committed together (`work` returns response bodies, built
-        inside the transaction); a user's cached profile is dropped afterwards, whatever happened."""
-        self.authorize_admin(caller)
-
-        def audited(session: Session) -> T:
-            result = work(session)
-            store.record_audit(session, f"key:{caller.key}", action, target, details, limits=self.limits)
-            return result
-        try:
-            return await self.write(audited)
-        finally:
-            if action.startswith(("user.", "profile.")):
-                self.profiles.invalidate(target)  # not needed for correctness (versions are checked): memory
-
-    async def admin_read(self, caller: data.Caller, work: Callable[[Session], T]) -> T:
-        self.authorize_admin(caller)
-        return await self.read(work)
-
-    async def create_user(self, caller: data.Caller, body: schemas.UserCreate) -> schemas.UserOut:
-        served = self.served
-        return await self.admin(caller, "user.create", body.external_id, lambda session: user_out(
-            store.create_user(session, body.external_id, display_name=body.display_name, metadata=body.metadata,
-                              limits=self.limits), served))
-
-    async def list_users(self, caller: data.Caller, offset: int, limit: int, search: str | None,
-                         disabled: bool | None) -> schemas.UserPage:
-        served = self.served
-
-        def page(session: Session) -> schemas.UserPage:
-            found = store.list_users(session, offset=offset, limit=limit, search=search, disabled=disabled)
-            return schemas.UserPage(items=[user_out(u, served) for u in found.items], total=found.total,
-                                    offset=found.offset, limit=found.limit)
-        return await self.admin_read(caller, page)
-
-    async def get_user(self, caller: data.Caller, user: str) -> schemas.UserOut:
-        served = self.served
-        return await self.admin_read(caller, lambda session: user_out(store.get_user(session, user), served))
-
-    async def set_disabled(self, caller: data.Caller, user: str, disabled: bool) -> schemas.UserOut:
-        served = self.served
-        self.keys.clear()  # keys bound to a disabled user stop working now, not after auth_cache_s
-        return await self.admin(caller, "user.disable" if disabled else "user.enable", user, lambda session: user_out(
-            store.set_user_disabled(session, user, disabled), served))
-
-    async def delete_user(self, caller: data.Caller, user: str) -> None:
-        self.keys.clear()  # their bound keys are deleted with them
-        await self.admin(caller, "user.delete", user, lambda session: store.delete_user(session, user))
-
-    async def export_user(self, caller: data.Caller, user: str) -> dict[str, Any]:
-        return await self.admin(caller, "user.export", user, lambda session: store.export_user(session, user))
-
-    async def import_user(self, caller: data.Caller, export: dict[str, Any]) -> schemas.UserOut:
-        served = self.served
-        target = str(export.get("external_id", ""))[:255]
-        return await self.admin(caller, "user.import", target, lambda session: user_out(
-            store.import_user(session, export, limits=self.limits), served))
-
-    async def set_weights(self, caller: data.Caller, user: str, body: schemas.WeightsIn) -> schemas.ProfileOut:
-        served = self.heads()
-
-        def save(session: Session) -> schemas.ProfileOut:
-            expected = body.expected_version
-            if expected is None:
-                current = store.get_user(session, user).profile
-                expected = None if current is None else current.version
-            row = store.save_profile(session, user, body.weights, bias=body.bias, method="manual",
-                                     expected_version=expected, head_set=session.get(store.HeadSetRow, served.row_id))
-            return profile_out(user, row, served)
-        return await self.admin(caller, "profile.set", user, save, details={"bias": body.bias})
-
-    async def reset(self, caller: data.Caller, user: str) -> schemas.ProfileOut:
-        served = self.heads()
-        return await self.admin(caller, "profile.reset", user, lambda session: profile_out(
-            user, store.reset_profile(session, user, session.get(store.HeadSetRow, served.row_id)), served))
-
-    async def list_head_sets(self, caller: data.Caller) -> list[schemas.HeadSetOut]:
-        return await self.admin_read(caller, lambda session: [head_set_out(h) for h in store.list_head_sets(session)])
-
-    async def register_head_set(self, caller: data.Caller, body: schemas.HeadSetIn) -> schemas.HeadSetOut:
-        self.authorize_admin(caller)
-        try:
-            heads = await asyncio.get_running_loop().run_in_executor(self.db, HeadSet.load, body.uri)
-        except (OSError, ValueError) as exc:
-            raise ApiError(422, f"cannot load a head set from there: {exc}", ["uri"]) from None
-
-        def register(session: Session) -> schemas.HeadSetOut:
-            return head_set_out(store.register_head_set(
-                session, name=heads.name, version=heads.version, kind=heads.kind, backbone=heads.backbone,
-                dim=heads.dim, num_heads=heads.num_heads, head_names=heads.head_names,
-                default_weights=heads.default_weights.tolist(), uri=str(Path(body.uri).resolve()),
-                content_hash=heads.content_hash, activate=body.activate))
-        out = await self.admin(caller, "head_set.register", f"{heads.name}@{heads.version}", register,
-                               details={"activate": body.activate})
-        await self.refresh()
-        return out
-
-    async def activate_head_set(self, caller: data.Caller, name: str, version: str) -> schemas.HeadSetOut:
-        out = await self.admin(caller, "head_set.activate", f"{name}@{version}", lambda session: head_set_out(
-            store.activate_head_set(session, name, version)))
-        await self.refresh()
-        return out
-
-    async def create_key(self, caller: data.Caller, body: schemas.KeyCreate) -> schemas.KeyCreated:
-        def create(session: Session) -> schemas.KeyCreated:
-            key, token = store.create_api_key(session, body.scopes, user_external_id=body.user_id, name=body.name)
-            return schemas.KeyCreated(**key_out(key).model_dump(), token=token)
-        return await self.admin(caller, "key.create", body.user_id or "*", create,
-                                details={"scopes": sorted(set(body.scopes)), "name": body.name})
-
-    async def list_keys(self, caller: data.Caller, revoked: bool) -> list[schemas.KeyOut]:
-        return await self.admin_read(caller, lambda session: [
-            key_out(k) for k in store.list_api_keys(session, include_revoked=revoked)])
-
-    async def revoke_key(self, caller: data.Caller, prefix: str) -> schemas.KeyOut:
-        out = await self.admin(caller, "key.revoke", prefix, lambda session: key_out(
-            store.revoke_api_key(session, prefix)))
-        self.keys.clear()  # the revoked key stops working on this replica now, elsewhere within auth_cache_s
-        return out
 
     # ------------------------------------------------------------------------------------------ health
 
