@@ -85,10 +85,7 @@ def populate(url: str, heads: HeadSet, heads_dir: Path, users: int) -> str:
     rng = np.random.default_rng(0)
     engine = store.make_engine(store.StoreSettings.from_env(url))
     with store.make_sessions(engine).begin() as session:
-        row = store.register_head_set(session, name=heads.name, version=heads.version, kind=heads.kind,
-                                      backbone=heads.backbone, dim=heads.dim, num_heads=heads.num_heads,
-                                      head_names=heads.head_names, default_weights=heads.default_weights.tolist(),
-                                      uri=str(heads_dir), content_hash=heads.content_hash, activate=True)
+        row = store.register_head_set(session, heads, uri=str(heads_dir), activate=True)
         for u in range(users):
             store.create_user(session, f"user{u}")
             store.save_profile(session, f"user{u}", rng.dirichlet(np.ones(HEADS)).tolist(), method="manual",

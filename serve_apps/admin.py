@@ -139,11 +139,8 @@ class AdminOperations:
             raise ApiError(422, f"cannot load a head set from there: {exc}", ["uri"]) from None
 
         def register(session: Session) -> schemas.HeadSetOut:
-            return head_set_out(store.register_head_set(
-                session, name=heads.name, version=heads.version, kind=heads.kind, backbone=heads.backbone,
-                dim=heads.dim, num_heads=heads.num_heads, head_names=heads.head_names,
-                default_weights=heads.default_weights.tolist(), uri=str(Path(body.uri).resolve()),
-                content_hash=heads.content_hash, activate=body.activate))
+            return head_set_out(store.register_head_set(session, heads, uri=str(Path(body.uri).resolve()),
+                                                        activate=body.activate))
         out = await self._audited(caller, "head_set.register", f"{heads.name}@{heads.version}", register,
                                details={"activate": body.activate})
         await self.service.refresh()

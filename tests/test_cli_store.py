@@ -151,3 +151,19 @@ def test_console_script_reads_database_url_from_the_environment(tmp_path: Path) 
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "env.db is at revision 0001" in done.stdout
+
+
+def test_register_refuses_a_folder_whose_tensors_changed_after_saving(tmp_path: Path, headset_dir: Path) -> None:
+    """headset.json's hash is checked against the tensors at registration, not first at every replica's poll."""
+    from safetensors.numpy import load_file, save_file
+
+    url = f"sqlite:///{tmp_path / 'edited.db'}"
+    ok(rp(url, "db", "upgrade"))
+    edited = Path(shutil.copytree(headset_dir, tmp_path / "edited"))
+    tensors = next(edited.glob("heads*.safetensors"))
+    saved = load_file(tensors)
+    save_file({**saved, "weight": saved["weight"] * 2}, tensors)  # headset.json still names the old hash
+    refused = rp(url, "models", "register", str(edited), "--activate")
+    assert refused.exit_code == 2 and "content hash mismatch" in refused.output
+    assert ok(rp(url, "models", "list")).count("\n") == 2  # the header and its rule: nothing registered
+    assert "registered drm-cli@1" in ok(rp(url, "models", "register", str(headset_dir)))  # the intact folder

@@ -30,6 +30,7 @@ from rewardprism.backbone import load_backbone
 from rewardprism.data import render
 from rewardprism.heads import HeadSet
 from rewardprism.store.migrate import upgrade
+from safetensors.numpy import load_file, save_file
 
 from serve_apps import local
 
@@ -106,10 +107,7 @@ def service(ray_cluster, admin_engine, postgres_url, tmp_path_factory) -> Servic
     heads_dir = heads.save(tmp_path_factory.mktemp("heads") / "v1")
     engine = store.make_engine(store.StoreSettings.from_env(url))
     with store.make_sessions(engine).begin() as session:
-        store.register_head_set(session, name=heads.name, version=heads.version, kind=heads.kind,
-                                backbone=heads.backbone, dim=heads.dim, num_heads=heads.num_heads,
-                                head_names=heads.head_names, default_weights=heads.default_weights.tolist(),
-                                uri=str(heads_dir), content_hash=heads.content_hash, activate=True)
+        store.register_head_set(session, heads, uri=str(heads_dir), activate=True)
         store.create_user(session, "alice")
         keys = Keys(*(store.create_api_key(session, scopes, user_external_id=user)[1] for scopes, user in
                       ((["admin"], None), (["score", "feedback"], None), (["score"], None),
@@ -746,6 +744,11 @@ def test_activating_another_head_set_switches_scoring_live(service, tmp_path):
             refused = http.post("/admin/head-sets", json={"uri": str(broken)})
             assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "uri"]
             assert "not a valid head set" in refused.json()["detail"][0]["msg"]
+        edited = other.save(tmp_path / "edited")  # tensors changed after saving: refused when registered
+        tensors = next(edited.glob("heads*.safetensors"))
+        save_file({**load_file(tensors), "bias": np.ones(4, dtype=np.float32)}, tensors)
+        refused = http.post("/admin/head-sets", json={"uri": str(edited)})
+        assert refused.status_code == 422 and "content hash mismatch" in refused.json()["detail"][0]["msg"]
 
 
 def test_health_and_prometheus_metrics(service, ray_cluster):
@@ -908,10 +911,7 @@ def test_sqlite_database_end_to_end(service, tmp_path):
     engine = store.make_engine(store.StoreSettings.from_env(url))
     heads = service.heads
     with store.make_sessions(engine).begin() as session:
-        store.register_head_set(session, name=heads.name, version=heads.version, kind=heads.kind,
-                                backbone=heads.backbone, dim=heads.dim, num_heads=heads.num_heads,
-                                head_names=heads.head_names, default_weights=heads.default_weights.tolist(),
-                                uri=str(service.heads_dir), content_hash=heads.content_hash, activate=True)
+        store.register_head_set(session, heads, uri=str(service.heads_dir), activate=True)
         _, key = store.create_api_key(session, ["score", "feedback"])
     engine.dispose()
     main = app_config("rp", "/", service.database, 2)

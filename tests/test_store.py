@@ -18,8 +18,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
+from rewardprism.heads import HeadSet
 from rewardprism.store import (
     Adapter,
     AlreadyExists,
@@ -119,13 +121,25 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     engine.dispose()
 
 
-def register(session: Session, version: str = "1", *, activate: bool = True, content_hash: str | None = None,
-             default_weights: Sequence[float] = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)) -> HeadSetRow:
-    return register_head_set(
-        session, name="drm-test", version=version, kind="drm", backbone="minilm", dim=8, num_heads=len(HEADS),
-        head_names=HEADS, default_weights=default_weights, uri=f"/tmp/heads/{version}",
-        content_hash=content_hash or f"hash-{version}", activate=activate,
-    )
+def numeric_heads(version: str = "1", *, name: str = "drm-test", head_names: Sequence[str] = HEADS,
+                  kind: str = "drm", scale: float = 1.0,
+                  default_weights: Sequence[float] = (0.5, 0.1, 0.1, 0.1, 0.1, 0.1)) -> HeadSet:
+    """A small numeric head set (the store reads its metadata only); `scale` changes its content hash."""
+    weight = scale * np.eye(len(head_names), 8)  # (H, d)
+    return HeadSet(weight, np.zeros(len(head_names)), list(head_names), kind, "minilm",
+                   np.asarray(default_weights), name=name, version=version)
+
+
+def changed_after_building() -> HeadSet:
+    """HeadSet is a mutable dataclass: its shapes are checked when built, so the store checks them again."""
+    heads = numeric_heads("2")
+    heads.default_weights = np.ones(2)
+    return heads
+
+
+def register(session: Session, version: str = "1", *, activate: bool = True, scale: float = 1.0) -> HeadSetRow:
+    return register_head_set(session, numeric_heads(version, scale=scale), uri=f"/tmp/heads/{version}",
+                             activate=activate)
 
 
 @pytest.fixture
@@ -281,9 +295,8 @@ def test_registrations_of_a_new_name_that_activate_queue_too(seeded: Store) -> N
     def worker(version: str) -> str:
         start.wait()
         with seeded.sessions.begin() as s:
-            row = register_head_set(s, name="brand-new", version=version, kind="drm", backbone="minilm", dim=8,
-                                    num_heads=1, head_names=["h"], default_weights=[1.0], uri=f"/h/{version}",
-                                    content_hash=f"new-{version}", activate=True)
+            heads = numeric_heads(version, name="brand-new", head_names=["h"], default_weights=[1.0])
+            row = register_head_set(s, heads, uri=f"/h/{version}", activate=True)
             time.sleep(0.1)  # every transaction stays open while the others register
             return row.version
 
@@ -396,12 +409,10 @@ BAD_INPUT: dict[str, tuple[Operation, type[Exception], str]] = {
     "no scope": (lambda s: create_api_key(s, []), InvalidInput, "non-empty"),
     "key for unknown user": (lambda s: create_api_key(s, ["score"], user_external_id="mallory"), NotFound,
                              "mallory"),
-    "head set default weights length": (lambda s: register(s, "2", default_weights=[1.0, 2.0]), InvalidInput,
-                                        "default_weights has 2 values"),
-    "head set kind": (lambda s: register_head_set(s, name="x", version="1", kind="pca", backbone="b", dim=4,
-                                                  num_heads=1, head_names=["h"], default_weights=[1.0],
-                                                  uri="/x", content_hash="h"), InvalidInput, "kind"),
-    "same head set version, other content": (lambda s: register(s, "1", content_hash="other"), AlreadyExists,
+    "head set default weights length": (lambda s: register_head_set(s, changed_after_building(), uri="/x"),
+                                        InvalidInput, "default_weights has 2 values"),
+    "head set kind": (lambda s: register_head_set(s, numeric_heads(kind="pca"), uri="/x"), InvalidInput, "kind"),
+    "same head set version, other content": (lambda s: register(s, "1", scale=2.0), AlreadyExists,
                                              "other content"),
     "import of unknown head set": (lambda s: import_user(s, EXPORT), NotFound, "gone@1"),
     "import with a head set name not text": (
@@ -478,8 +489,8 @@ def test_sqlite_process_killed_mid_transaction_leaves_no_partial_rows(tmp_path: 
         from rewardprism.store import StoreSettings, create_user, make_engine, make_sessions
         from rewardprism.store import register_head_set, reset_profile
         s = make_sessions(make_engine(StoreSettings(database_url={url!r})))()
-        heads = register_head_set(s, name="h", version="1", kind="bt", backbone="b", dim=2, num_heads=1,
-                                  head_names=["h"], default_weights=[1.0], uri="/h", content_hash="x")
+        from rewardprism.heads import HeadSet
+        heads = register_head_set(s, HeadSet([[1.0, 0.0]], [0.0], ["h"], "bt", "b", [1.0]), uri="/h")
         create_user(s, "bob")
         reset_profile(s, "bob", heads)
         print("flushed", flush=True)

@@ -53,11 +53,7 @@ def serve(
             heads = HeadSet.load(head_set)
             engine = make_engine(settings)
             with make_sessions(engine).begin() as session:
-                row = register_head_set(
-                    session, name=heads.name, version=heads.version, kind=heads.kind, backbone=heads.backbone,
-                    dim=heads.dim, num_heads=heads.num_heads, head_names=heads.head_names,
-                    default_weights=heads.default_weights.tolist(), uri=str(head_set.resolve()),
-                    content_hash=heads.content_hash, activate=True)
+                row = register_head_set(session, heads, uri=str(head_set.resolve()), activate=True)
                 record_audit(session, "cli:serve", "head_set.activate", row.label)
             engine.dispose()
             os.environ.setdefault("RP_HEAD_SET", heads.name)

@@ -477,18 +477,19 @@ def models_register(
     folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a folder HeadSet.save wrote")],
     activate: Annotated[bool, typer.Option(help="also make it the active version of its name")] = False,
 ) -> None:
-    """Register a saved head set from its headset.json (registering the same content twice is a no-op)."""
-    meta = _read_json(str(folder / "headset.json")) if (folder / "headset.json").is_file() else None
-    if not isinstance(meta, dict):
-        _fail(f"{folder} has no headset.json object: is it a folder written by HeadSet.save?")
-    fields = ("name", "kind", "backbone", "dim", "num_heads", "head_names", "default_weights", "content_hash")
-    missing = [f for f in (*fields, "version") if f not in meta]
-    if missing:
-        _fail(f"{folder / 'headset.json'} lacks {', '.join(missing)}")
+    """Register a saved head set (registering the same content twice is a no-op).
+
+    The folder is loaded, which checks its tensors against headset.json's content hash: a folder edited after
+    saving is refused here, not found out by every replica that tries to serve it.
+    """
+    from rewardprism.heads import HeadSet
+
+    try:
+        heads = HeadSet.load(folder)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
     with _transaction(ctx) as session:
-        heads = register_head_set(session, **{f: meta[f] for f in fields}, version=str(meta["version"]),
-                                  uri=str(folder.resolve()), activate=activate)
-        _audit(ctx, session, "models.register", heads.label, content_hash=heads.content_hash,
-               active=heads.active)
-    active = " - active" if heads.active else ""
-    typer.echo(f"registered {heads.label} ({heads.kind}, {heads.num_heads} heads){active}")
+        row = register_head_set(session, heads, uri=str(folder.resolve()), activate=activate)
+        _audit(ctx, session, "models.register", row.label, content_hash=row.content_hash, active=row.active)
+    active = " - active" if row.active else ""
+    typer.echo(f"registered {row.label} ({row.kind}, {row.num_heads} heads){active}")

@@ -1,7 +1,7 @@
 """The head-set registry: which saved versions exist, and which one of each name is served."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -11,39 +11,36 @@ from rewardprism.store import checks
 from rewardprism.store.errors import AlreadyExists, InvalidInput, NotFound
 from rewardprism.store.models import HEAD_SET_NAME_MAX, KINDS, NAME_MAX, URI_MAX, VERSION_MAX, HeadSetRow
 
+if TYPE_CHECKING:  # only read, never built, here: the store needs no tensors
+    from rewardprism.heads import HeadSet
+
 ACTIVATION_LOCK = 0x52500001  # advisory-lock namespace ("RP", 1): head-set activations, keyed by name
 
 
-def register_head_set(
-    session: Session,
-    *,
-    name: str,
-    version: str,
-    kind: str,
-    backbone: str,
-    dim: int,
-    num_heads: int,
-    head_names: Sequence[str],
-    default_weights: Sequence[float],
-    uri: str,
-    content_hash: str,
-    activate: bool = False,
-) -> HeadSetRow:
-    """Record a saved head set; registering the same name, version and content again is a no-op."""
+def register_head_set(session: Session, heads: HeadSet, *, uri: str, activate: bool = False) -> HeadSetRow:
+    """Record `heads`, saved at `uri`; registering the same name, version and content again is a no-op.
+
+    Pass the head set as loaded from `uri` (`HeadSet.load` checks the files against their content hash): the
+    registry then records what was verified, not what a folder's headset.json claims, so every replica that
+    later loads `uri` finds that hash. Only its metadata is read here.
+    """
+    dim, num_heads = heads.dim, heads.num_heads
     if not (isinstance(dim, int) and isinstance(num_heads, int) and dim > 0 and num_heads > 0):
         raise InvalidInput(f"dim and num_heads must be positive integers, got {dim!r} and {num_heads!r}")
-    names = [checks.text(n, f"head_names[{i}]", NAME_MAX, empty_ok=False) for i, n in enumerate(head_names)]
+    names = [checks.text(n, f"head_names[{i}]", NAME_MAX, empty_ok=False) for i, n in enumerate(heads.head_names)]
     if len(names) != num_heads:
         raise InvalidInput(f"{len(names)} head names for {num_heads} heads")
+    name, version, content_hash = heads.name, heads.version, heads.content_hash
+    version = str(version) if isinstance(version, int) else version  # `"version": 2` in a hand-written file
     head_set = HeadSetRow(
         name=checks.text(name, "head set name", HEAD_SET_NAME_MAX, empty_ok=False),
         version=checks.text(version, "head set version", VERSION_MAX, empty_ok=False),
-        kind=checks.choice(kind, "kind", KINDS),
-        backbone=checks.text(backbone, "backbone", NAME_MAX, empty_ok=False),
+        kind=checks.choice(heads.kind, "kind", KINDS),
+        backbone=checks.text(heads.backbone, "backbone", NAME_MAX, empty_ok=False),
         dim=dim,
         num_heads=num_heads,
         head_names=names,
-        default_weights=checks.vector(default_weights, num_heads, "default_weights"),
+        default_weights=checks.vector(heads.default_weights, num_heads, "default_weights"),
         uri=checks.text(uri, "uri", URI_MAX, empty_ok=False),
         content_hash=checks.text(content_hash, "content_hash", 128, empty_ok=False),
     )
