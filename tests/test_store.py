@@ -691,6 +691,16 @@ def test_api_keys_store_only_a_salted_hash_and_check_scopes(seeded: Store) -> No
 # ---------------------------------------------------------------------------------------------- settings
 
 
+def test_pool_timeout_takes_fractions_of_a_second() -> None:
+    """RP_DB_POOL_TIMEOUT_S is seconds as a float (2.5 used to be refused: it was parsed as an integer)."""
+    env = {"DATABASE_URL": "postgresql://rp@127.0.0.1/rp", "RP_DB_POOL_TIMEOUT_S": "2.5", "RP_DB_MAX_OVERFLOW": "0"}
+    settings = StoreSettings.from_env(env=env)
+    assert (settings.pool_timeout_s, settings.max_overflow) == (2.5, 0)
+    engine = make_engine(settings)  # connects lazily: nothing is reached here
+    assert engine.pool.timeout() == 2.5
+    engine.dispose()
+
+
 def test_settings_from_environment_and_no_password_in_logs(caplog: pytest.LogCaptureFixture) -> None:
     env = {"DATABASE_URL": "postgresql://rp:hunter2@db.internal:5432/rp", "RP_DB_POOL_SIZE": "20",
            "RP_MAX_TEXT_CHARS": "500"}
@@ -707,6 +717,10 @@ def test_settings_from_environment_and_no_password_in_logs(caplog: pytest.LogCap
 
     with pytest.raises(InvalidInput, match="RP_DB_POOL_SIZE") as bad_pool:
         StoreSettings.from_env(env={**env, "RP_DB_POOL_SIZE": "lots"})
+    for name, value in (("RP_DB_POOL_TIMEOUT_S", "0"), ("RP_DB_POOL_TIMEOUT_S", "nan"),
+                        ("RP_DB_MAX_OVERFLOW", "-1"), ("RP_MAX_PAIRS_PER_CALL", "0"), ("RP_MAX_METADATA_BYTES", "1.5")):
+        with pytest.raises(InvalidInput, match=f"^{name}: "):
+            StoreSettings.from_env(env={name: value})
     with pytest.raises(InvalidInput) as bad_url:
         StoreSettings.from_env("postgresql://rp:hunter2@db:notaport/rp")
     assert "hunter2" not in str(bad_pool.value) + str(bad_url.value)

@@ -1,67 +1,78 @@
 """Store settings: one validated object read from the environment (or a `--database-url` flag).
 
-The URL may carry a password, so it is only ever shown through `safe_url`; errors about it never echo it.
+Read the way the service reads its own (`serve_apps.settings`): a frozen pydantic model, each field with one
+environment variable (`ENV`), and an error that names the variable at fault. The URL may carry a password, so it
+is only ever shown through `safe_url`; errors about it never echo it.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rewardprism.store.errors import InvalidInput
 
 DEFAULT_URL = "sqlite:///rewardprism.db"  # the embedded default: a file in the working directory, no server
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(BaseModel):
     """Size limits on what clients may store; checked before anything is written."""
 
-    max_text_chars: int = 32_000  # each of prompt (all messages together), chosen, rejected
-    max_pairs_per_call: int = 1_000
-    max_metadata_bytes: int = 16_384  # user metadata and audit details, as JSON
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_text_chars: int = Field(32_000, ge=1)  # each of prompt (all messages together), chosen, rejected
+    max_pairs_per_call: int = Field(1_000, ge=1)
+    max_metadata_bytes: int = Field(16_384, ge=1)  # user metadata and audit details, as JSON
 
 
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True)
-class StoreSettings:
-    database_url: str = DEFAULT_URL
-    pool_size: int = 5
-    max_overflow: int = 10
-    pool_timeout_s: float = 30.0
-    limits: Limits = field(default_factory=Limits)
+class StoreSettings(BaseModel):
+    # hide_input_in_errors: a refused URL may hold a password
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "database_url", normalize_url(self.database_url))  # frozen: set once, here
+    database_url: str = Field(DEFAULT_URL, repr=False)
+    pool_size: int = Field(5, ge=1)
+    max_overflow: int = Field(10, ge=0)
+    pool_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)  # also SQLite's busy timeout
+    limits: Limits = DEFAULT_LIMITS
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize(cls, url: str) -> str:
+        return normalize_url(url)
 
     @classmethod
     def from_env(cls, database_url: str | None = None, env: Mapping[str, str] = os.environ) -> StoreSettings:
-        """`database_url` (a CLI flag) wins over DATABASE_URL; pool and limits from RP_DB_* / RP_MAX_*."""
-        default = cls()
+        """`database_url` (a CLI flag) wins over DATABASE_URL; pool and limits from RP_DB_* / RP_MAX_*.
 
-        def number(name: str, fallback: int, minimum: int = 1) -> int:
-            raw = env.get(name)
-            if raw is None:
-                return fallback
-            if not raw.strip().isdigit() or int(raw) < minimum:
-                raise InvalidInput(f"{name} must be an integer >= {minimum}, got {raw!r}")
-            return int(raw)
+        Unset and empty variables keep the defaults; InvalidInput names the variable of each value refused.
+        """
+        values: dict[str, object] = {field: env[name] for field, name in ENV.items() if env.get(name)}
+        values["limits"] = {field: env[name] for field, name in LIMITS_ENV.items() if env.get(name)}
+        if database_url is not None:
+            values["database_url"] = database_url
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise InvalidInput(_explain(exc, flag=database_url is not None)) from None
 
-        return cls(
-            database_url=database_url or env.get("DATABASE_URL") or DEFAULT_URL,
-            pool_size=number("RP_DB_POOL_SIZE", default.pool_size),
-            max_overflow=number("RP_DB_MAX_OVERFLOW", default.max_overflow, minimum=0),
-            pool_timeout_s=number("RP_DB_POOL_TIMEOUT_S", int(default.pool_timeout_s)),
-            limits=Limits(
-                max_text_chars=number("RP_MAX_TEXT_CHARS", default.limits.max_text_chars),
-                max_pairs_per_call=number("RP_MAX_PAIRS_PER_CALL", default.limits.max_pairs_per_call),
-                max_metadata_bytes=number("RP_MAX_METADATA_BYTES", default.limits.max_metadata_bytes),
-            ),
-        )
+
+ENV = {"database_url": "DATABASE_URL", "pool_size": "RP_DB_POOL_SIZE", "max_overflow": "RP_DB_MAX_OVERFLOW",
+       "pool_timeout_s": "RP_DB_POOL_TIMEOUT_S"}
+LIMITS_ENV = {field: f"RP_{field.upper()}" for field in Limits.model_fields}  # max_text_chars: RP_MAX_TEXT_CHARS
+
+
+def _explain(exc: ValidationError, flag: bool) -> str:
+    """Pydantic's errors, each named by its environment variable (never echoing a value); `flag`: the URL came
+    from the caller, not from DATABASE_URL."""
+    names = {**ENV, **{f"limits.{field}": name for field, name in LIMITS_ENV.items()}}
+    if flag:
+        names["database_url"] = "the database URL"
+    return "; ".join(f"{names.get('.'.join(map(str, e['loc'])), 'settings')}: {e['msg']}" for e in exc.errors())
 
 
 def normalize_url(url: str) -> str:
