@@ -142,7 +142,7 @@ class AdminOperations:
             return head_set_out(store.register_head_set(session, heads, uri=str(Path(body.uri).resolve()),
                                                         activate=body.activate))
         out = await self._audited(caller, "head_set.register", f"{heads.name}@{heads.version}", register,
-                               details={"activate": body.activate})
+                                   details={"activate": body.activate})
         await self.service.refresh()
         return out
 
@@ -157,7 +157,7 @@ class AdminOperations:
             key, token = store.create_api_key(session, body.scopes, user_external_id=body.user_id, name=body.name)
             return schemas.KeyCreated(**key_out(key).model_dump(), token=token)
         return await self._audited(caller, "key.create", body.user_id or "*", create,
-                                details={"scopes": sorted(set(body.scopes)), "name": body.name})
+                                   details={"scopes": sorted(set(body.scopes)), "name": body.name})
 
     async def list_keys(self, caller: data.Caller, revoked: bool) -> list[schemas.KeyOut]:
         return await self._read(caller, lambda session: [

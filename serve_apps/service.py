@@ -54,7 +54,6 @@ from serve_apps.settings import ServeSettings
 
 log = logging.getLogger("ray.serve.rewardprism")  # under ray.serve: its handlers write the replica logs
 T = TypeVar("T")
-R = TypeVar("R")
 
 # The caller behind REWARDPRISM_ADMIN_KEY; "env:admin" is what the audit log records as its key.
 BOOTSTRAP_ADMIN = data.Caller("env:admin", frozenset({"admin"}), None)
