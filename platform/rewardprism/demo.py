@@ -80,10 +80,7 @@ def start_store(workdir: Path, heads_path: Path) -> tuple[str, str]:
     heads = HeadSet.load(heads_path)
     engine = make_engine(StoreSettings.from_env(url))
     with make_sessions(engine).begin() as session:
-        register_head_set(session, name=heads.name, version=heads.version, kind=heads.kind, backbone=heads.backbone,
-                          dim=heads.dim, num_heads=heads.num_heads, head_names=heads.head_names,
-                          default_weights=heads.default_weights.tolist(), uri=str(heads_path.resolve()),
-                          content_hash=heads.content_hash, activate=True)
+        register_head_set(session, heads, uri=str(heads_path.resolve()), activate=True)
         _, token = create_api_key(session, ["admin"], name="demo")
     engine.dispose()
     print(f"[3] store: {url} (head set demo/1 active, admin key created)")
