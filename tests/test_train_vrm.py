@@ -210,6 +210,23 @@ def test_two_worker_zero2_run_survives_a_killed_worker(tmp_path, ray_cluster):
     assert list((config.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+# The first three training losses of the seeded run below, computed once (2026-12, before the recipe moved to
+# rewardprism/recipes/): a refactor that keeps them keeps the data order, initialisation, sampling and optimizer.
+FIRST_LOSSES = [1.0635621547698975, 1.065051794052124, 1.0140821933746338]
+
+
+def test_a_seeded_tiny_run_repeats_its_first_losses(tmp_path, ray_cluster):
+    """One worker (Ray Data's order is then fixed), a step per report: the mean training loss of steps 1-3."""
+    config = load_config(TINY, [f"ray.storage_path={tmp_path}", "ray.num_workers=1", "train.epochs=1",
+                                "data.synthetic_per_user=10", "train.log_every=1", "train.checkpoint_every=1",
+                                "train.eval_every=100", "ray.keep_checkpoints=10", "train.personalize=false"])
+    recipe = TrainRecipe(config)
+    recipe.setup()
+    recipe.train()
+    losses = [m["train_loss"] for _, m in sorted(recipe.result.best_checkpoints, key=lambda c: c[1]["step"])]
+    assert losses == pytest.approx(FIRST_LOSSES, rel=1e-4)
+
+
 def test_relative_outputs_are_refused_inside_a_ray_job_working_dir(tmp_path):
     """`ray job submit --working-dir .` runs the job in Ray's temporary copy of the folder (under
     .../runtime_resources/working_dir_files/), deleted with the job: a relative output path there exits 2 naming
