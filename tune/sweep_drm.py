@@ -156,20 +156,20 @@ def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) ->
     from rewardprism.evaluate import random_heads
     from rewardprism.protocol import evaluate_adaptation
 
-    heads = data.head_sets[k]
-    names = heads.head_names
+    head_set = data.head_sets[k]
+    names = head_set.head_names
     if method in RANDOM:  # as many random directions as the head set has heads; HyRe ignores the prior
-        test, adapter = data.split.scored(random_heads(heads.dim, heads.num_heads, RANDOM[method])), "hyre"
-        names = [f"random{i}" for i in range(heads.num_heads)]
+        test, adapter = data.split.scored(random_heads(head_set.dim, head_set.num_heads, RANDOM[method])), "hyre"
+        names = [f"random{i}" for i in range(head_set.num_heads)]
     else:
-        test, adapter = data.split.scored(heads), method
-    result = evaluate_adaptation(test, n, method=adapter, prior=heads.default_weights.astype(np.float64),
-                                 seeds=range(seeds), center=heads.hyperprior_center)
+        test, adapter = data.split.scored(head_set), method
+    result = evaluate_adaptation(test, n, method=adapter, prior=head_set.default_weights.astype(np.float64),
+                                 seeds=range(seeds), center=head_set.hyperprior_center)
     weights = np.stack([result.profiles[g] for g in result.groups], axis=1)  # (S, G, H)
     honest, reference = result.summary(honest=True), result.summary()
     metrics = {METRIC: honest["overall"][0], f"{METRIC}_std": honest["overall"][1],
                f"{METRIC}_reference": reference["overall"][0],
-               f"{METRIC}_by_group": {g: honest[g][0] for g in result.groups}, "num_heads": heads.num_heads}
+               f"{METRIC}_by_group": {g: honest[g][0] for g in result.groups}, "num_heads": head_set.num_heads}
     profiles = {"weights": weights, "picks": np.stack([result.picks[g] for g in result.groups], axis=1),
                 "head_std": np.concatenate([test.chosen, test.rejected]).std(0),
                 "head_names": np.array(names), "groups": np.array(result.groups)}
@@ -197,13 +197,14 @@ def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) ->
     row = max(candidates, key=lambda r: r[METRIC])
     k, method = row["config/heads"], row["config/method"]
     folder = sweep.run.experiment_dir / BEST_DIR
-    heads = save_head_set(dataclasses.replace(data.head_sets[k], name=sweep.run.name), folder / "headset", f"k{k}")
+    head_set = save_head_set(dataclasses.replace(data.head_sets[k], name=sweep.run.name), folder / "headset",
+                             f"k{k}")
     config = {**{f: getattr(sweep, f) for f in ("embeddings", "test_fraction", "split_seed", "population_head")},
               "heads": k, "method": method}
     summary = {"kind": "drm", "heads": k, "method": method, "pairs": sweep.select_pairs, METRIC: row[METRIC],
                f"{METRIC}_std": row[f"{METRIC}_std"], f"{METRIC}_reference": row[f"{METRIC}_reference"],
                "seeds": sweep.seeds, "trial_id": row["trial_id"]}
-    write_best(folder, summary, config, heads)
+    write_best(folder, summary, config, head_set)
     return summary
 
 

@@ -223,13 +223,13 @@ def export_best(row: dict[str, Any], group: list[dict], recipe: dict[str, Any], 
     config = trial_recipe(recipe, {**params, "ray.name": f"{run.name}-best"})
     # a finished sweep reported again (--resume) replaces its earlier best, which may have changed
     with exported_model(ray.train.Checkpoint(row["checkpoint_path"]), folder / "model") as (model, _):
-        heads = model.to_head_set(str(folder / "model"), name=run.name, dataset=config.data.source)
-    heads = save_head_set(heads, folder / "headset", row["trial_id"])
+        head_set = model.to_head_set(str(folder / "model"), name=run.name, dataset=config.data.source)
+    head_set = save_head_set(head_set, folder / "headset", row["trial_id"])
     accuracies = [r[METRIC] for r in group]
     summary = {"kind": "vrm", "params": params, "trial_id": row["trial_id"], METRIC: row[METRIC],
                "mean_over_seeds": float(np.mean(accuracies)), "std_over_seeds": float(np.std(accuracies)),
                "seeds": len(accuracies)}
-    write_best(folder, summary, config.to_dict(), heads)
+    write_best(folder, summary, config.to_dict(), head_set)
     return summary
 
 

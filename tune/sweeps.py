@@ -162,19 +162,20 @@ def best_or_exit(export: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         raise typer.Exit(1) from None
 
 
-def save_head_set(heads: HeadSet, folder: Path, label: str) -> HeadSet:
+def save_head_set(head_set: HeadSet, folder: Path, label: str) -> HeadSet:
     """Save with version `<label>-<content hash>`: registering the same heads twice is a no-op in the registry,
     and different heads under the same sweep name never collide."""
-    heads = dataclasses.replace(heads, version=f"{label}-{heads.content_hash[:8]}")
-    heads.save(folder)
-    return heads
+    head_set = dataclasses.replace(head_set, version=f"{label}-{head_set.content_hash[:8]}")
+    head_set.save(folder)
+    return head_set
 
 
-def write_best(folder: Path, summary: dict[str, Any], config: dict[str, Any], heads: HeadSet) -> None:
+def write_best(folder: Path, summary: dict[str, Any], config: dict[str, Any], head_set: HeadSet) -> None:
     """`best/config.yaml` (run it again) and `best/summary.json` (what won, and how to serve it)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomically(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    summary = {**summary, "head_set": {"name": heads.name, "version": heads.version, "path": str(folder / "headset")},
+    summary = {**summary, "head_set": {"name": head_set.name, "version": head_set.version,
+                                       "path": str(folder / "headset")},
                "register": f"rewardprism models register {folder / 'headset'} --activate"}
     write_text_atomically(folder / "summary.json", json.dumps(summary, indent=1, default=_plain))
 

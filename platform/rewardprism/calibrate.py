@@ -37,9 +37,9 @@ def fit_head_set(decomposition: PreferenceDecomposition, chosen: np.ndarray | No
         raise ValueError("fitting a population head needs the pairs' features, and calibrating also the pairs")
     if isinstance(population_head, bool):
         population_head = fit_population_head(chosen, rejected) if fits_head else None
-    heads = build_head_set(decomposition, population_head, backbone=backbone, dataset=dataset, name=name,
-                           version=version)
-    return calibrate_hyperprior(heads, chosen, rejected, pairs) if calibrate else heads
+    head_set = build_head_set(decomposition, population_head, backbone=backbone, dataset=dataset, name=name,
+                              version=version)
+    return calibrate_hyperprior(head_set, chosen, rejected, pairs) if calibrate else head_set
 
 
 # Candidate hyperprior centres for `calibrate_hyperprior`, inside `adapt.STRENGTHS` (1e-1 … 1e6) so a decade of
@@ -47,9 +47,9 @@ def fit_head_set(decomposition: PreferenceDecomposition, chosen: np.ndarray | No
 CENTERS = np.logspace(0, 5, 11)
 
 
-def calibrate_hyperprior(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair],
-                         *, n_values: Sequence[int] = (5, 15), seeds: Sequence[int] = range(10),
-                         centers: np.ndarray = CENTERS, splits: int = 4) -> HeadSet:
+def calibrate_hyperprior(head_set: HeadSet, chosen: np.ndarray, rejected: np.ndarray,
+                         pairs: Sequence[PreferencePair], *, n_values: Sequence[int] = (5, 15),
+                         seeds: Sequence[int] = range(10), centers: np.ndarray = CENTERS, splits: int = 4) -> HeadSet:
     """A copy of a DRM head set with the default adaptation's hyperprior centre chosen on the pairs it was fitted
     on (the head set given is left as it is).
 
@@ -63,18 +63,18 @@ def calibrate_hyperprior(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarra
     say "never move". Sets `info["hyperprior_center"]` (None when no group has 2n pairs to draw from) and the
     accuracies.
     """
-    if heads.kind != "drm" or not {"n_components", "population_head"} <= heads.info.keys():
+    if head_set.kind != "drm" or not {"n_components", "population_head"} <= head_set.info.keys():
         raise ValueError(f"hyperprior calibration refits a DRM head set made by `build_head_set`; this one is "
-                         f"{heads.kind!r} with info {sorted(heads.info)}")
+                         f"{head_set.kind!r} with info {sorted(head_set.info)}")
     accuracy, population, used, groups_all = np.zeros(len(centers)), [], set(), groups_of(pairs)
     for split_seed in range(splits):
         fit, held_out = (np.asarray(half, dtype=int) for half in split_by_prompt(pairs, 0.5, split_seed))
         if len(fit) <= 1 or len(held_out) == 0:
             raise ValueError(f"hyperprior calibration needs pairs on several prompts, got {len(pairs)} pairs")
-        decomposition = PreferenceDecomposition(heads.info["n_components"]).fit(chosen[fit], rejected[fit])
+        decomposition = PreferenceDecomposition(head_set.info["n_components"]).fit(chosen[fit], rejected[fit])
         refit = fit_head_set(decomposition, chosen[fit], rejected[fit],
-                             population_head=bool(heads.info["population_head"]), calibrate=False,
-                             backbone=heads.backbone)
+                             population_head=bool(head_set.info["population_head"]), calibrate=False,
+                             backbone=head_set.backbone)
         users = ScoredPairs.of(refit, chosen[held_out], rejected[held_out], groups_all[held_out])
         population.append(fixed_profile(users, refit.default_weights, "").summary()["overall"][0])
         for n in n_values:
@@ -95,5 +95,5 @@ def calibrate_hyperprior(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarra
         best = np.flatnonzero(accuracy >= accuracy.max() - 1e-12)[-1]  # the strongest of the best
         center = float(centers[best])
         calibration["accuracy"] = {f"{c:g}": float(a) for c, a in zip(centers, accuracy)}
-    return dataclasses.replace(heads, info={**heads.info, "hyperprior_center": center,
+    return dataclasses.replace(head_set, info={**head_set.info, "hyperprior_center": center,
                                             "hyperprior_calibration": calibration})
