@@ -4,10 +4,8 @@
     ray job submit --working-dir . -- python train_vrm.py --config configs/vrm_minilm_cpu.yaml
 
 Without a running cluster `ray.init()` starts a local one; with `ray start --head` (or RAY_ADDRESS) it joins
-that. The recipe itself — setup (config and data checks on the driver, before any worker starts), train
-(`TorchTrainer` over `TrainingWorker`s: DeepSpeed, Ray Data shards, checkpoints, resume), save_checkpoint
-(export and evaluate), cleanup — is `rewardprism.train.TrainRecipe`, shared with `rewardprism train`, so Ray
-workers import it from the installed package whatever the job's working directory.
+that. The recipe — setup, train, save_checkpoint, cleanup — is `rewardprism.recipes.vrm.VrmRecipe`, shared with
+`rewardprism train`, so Ray workers import it from the installed package whatever the job's working directory.
 """
 import typer
 from rewardprism.cli_train import train

@@ -8,7 +8,7 @@ AdamW step. VRM and BT steps alternate (VB VB ...) so machine noise hits both al
 batches: synthetic pairs (short prompts) and HH-RLHF harmless (long multi-turn prompts, the worst case for
 VRM's extra prompt pass). Target: VRM ≤ 1.15 × BT.
 
-Throughput: the real recipe (`rewardprism.train.run`, DeepSpeed ZeRO-2, gloo) with 1 and then 2 workers of 1 CPU
+Throughput: the real recipe (`rewardprism.recipes.vrm.run`, DeepSpeed ZeRO-2, gloo) with 1 and then 2 workers of 1 CPU
 each, the same steps per worker; tokens/s counts real (unpadded) tokens read by all workers over the training
 steps (start-up and evaluation excluded).
 """
@@ -29,9 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section
 from rewardprism.backbone import load_backbone
+from rewardprism.config import load_config
 from rewardprism.data import iter_pairs
+from rewardprism.recipes.vrm import VrmConfig, run
 from rewardprism.synthetic import SyntheticGenerator
-from rewardprism.train import PairCollator, load_config, run
+from rewardprism.train_data import PairCollator
 from rewardprism.vrm import RewardModel, RewardModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def throughput(workers: int, steps: int, batch_pairs: int, max_length: int) -> d
     """tokens/s of the real recipe over `steps` optimizer steps per worker (one epoch, no evaluation between)."""
     n_train = steps * batch_pairs * workers
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(ROOT / "configs" / "vrm_tiny.yaml", [
+        config = load_config(VrmConfig, ROOT / "configs" / "vrm_tiny.yaml", [
             "model.backbone=minilm", f"model.max_length={max_length}", "train.epochs=1",
             f"train.batch_pairs={batch_pairs}", "train.lr=1.0e-5", "train.log_every=1000000",
             "train.eval_every=1000000", "train.checkpoint_every=1000000", "train.personalize=false",

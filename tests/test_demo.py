@@ -19,8 +19,9 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "rewardprism.demo", "--workdir", str(tmp_path), "--port", str(port),
-                           "--held-out", "10"], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run([sys.executable, "-m", "rewardprism.demo", "--override", f"workdir={tmp_path}",
+                           "--override", f"port={port}", "--override", "held_out=10"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for step in ("[1]", "[2] embedded 800 pairs", "[3] store: sqlite", "[4] each user sends 15 labelled pairs",
@@ -35,3 +36,11 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
                                    "ON p.user_id = u.id"))
     assert stored == {u.name: 15 for u in DEFAULT_USERS}
     assert versions == {u.name: 1 for u in DEFAULT_USERS}
+
+
+def test_a_bad_demo_config_exits_naming_the_field_before_anything_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rewardprism.demo", "--config", str(ROOT / "configs" / "demo.yaml"),
+                           "--override", f"workdir={tmp_path / 'demo'}", "--override", "held_out=0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "error: held_out: must be a positive number of pairs" in proc.stderr, proc.stderr
+    assert not (tmp_path / "demo").exists()

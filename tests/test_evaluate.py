@@ -1,4 +1,5 @@
-"""The evaluation protocol, the synthetic known-truth checks, the CLI commands and the train_drm recipe."""
+"""The evaluation protocol and report, the hyperprior calibration, the synthetic known-truth checks, the CLI commands
+and the train_drm recipe."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,23 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rewardprism.calibrate import calibrate_hyperprior, fit_head_set
 from rewardprism.cli import app
 from rewardprism.data import save_pairs
 from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
 from rewardprism.embed import PAIRS, ShardWriter
 from rewardprism.evaluate import (
     REWARDBENCH_COUNTS,
-    ScoredPairs,
     Split,
-    calibrate_hyperprior,
     drm_report,
-    evaluate_adaptation,
     random_heads,
     rewardbench_scores,
-    sample_adaptation,
     synthetic_report,
 )
 from rewardprism.heads import HeadSet
+from rewardprism.protocol import ScoredPairs, evaluate_adaptation, sample_adaptation
 from rewardprism.synthetic import SyntheticGenerator, rating_matrix
 from typer.testing import CliRunner
 
@@ -67,6 +66,8 @@ def test_reference_and_honest_accuracy_against_a_direct_loop():
         members = np.flatnonzero(pairs.groups == group)
         for s in range(3):
             w, _ = adapt_profile(pairs.chosen[picks[group][s]], pairs.rejected[picks[group][s]], None, "hyre")
+            np.testing.assert_allclose(result.profiles[group][s], w, rtol=1e-6)  # the profiles it scored
+            np.testing.assert_array_equal(result.picks[group][s], picks[group][s])
             correct = pairs.chosen[members] @ w > pairs.rejected[members] @ w
             kept = ~np.isin(members, picks[group][s])
             assert result.correct[g, s] / result.total[g, s] == pytest.approx(correct.mean())
@@ -187,7 +188,7 @@ def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_ag
         heads = build_head_set(PreferenceDecomposition(6).fit(chosen, rejected), fit_population_head(chosen, rejected),
                                backbone="linear")
         assert heads.hyperprior_center is None
-        calibrate_hyperprior(heads, chosen, rejected, [data.pairs[i] for i in data.train], seeds=range(10))
+        heads = calibrate_hyperprior(heads, chosen, rejected, [data.pairs[i] for i in data.train], seeds=range(10))
         calibration = heads.info["hyperprior_calibration"]
         assert calibration["n_values"] == [5, 15] and len(calibration["accuracy"]) == 11
         assert calibration["accuracy"][f"{heads.hyperprior_center:g}"] == max(calibration["accuracy"].values())
@@ -199,6 +200,41 @@ def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_ag
     handmade = HeadSet(heads.weight, heads.bias, heads.head_names, "drm", "linear", heads.default_weights)
     with pytest.raises(ValueError, match="made by `build_head_set`"):
         calibrate_hyperprior(handmade, tiny.chosen, tiny.rejected, tiny.pairs)
+
+
+def test_calibration_returns_a_new_head_set_and_leaves_its_input_alone():
+    """A head set calibrated twice (a sweep calibrating shared heads, a caller keeping the uncalibrated one) must
+    not see the first calibration in the second's input."""
+    data = linear_synthetic(per_user=40)
+    chosen, rejected, pairs = data.training()
+    heads = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), None, backbone="linear")
+    before = dict(heads.info)
+    calibrated = calibrate_hyperprior(heads, chosen, rejected, pairs, seeds=range(2))
+    assert heads.info == before and "hyperprior_calibration" not in heads.info
+    assert calibrated is not heads and calibrated.info == {**before, "hyperprior_center": calibrated.hyperprior_center,
+                                                           "hyperprior_calibration": calibrated.info[
+                                                               "hyperprior_calibration"]}
+    assert calibrated.content_hash == heads.content_hash  # the same heads, only the adaptation's hyperprior
+
+
+def test_one_builder_fits_the_population_head_and_calibrates_as_its_parts_do():
+    """`fit_head_set` is decomposition → population head → head set → calibration, and each part can be left
+    out; the population head may come fitted already (shared across k by the sweep)."""
+    data = linear_synthetic(per_user=40)
+    chosen, rejected, pairs = data.training()
+    decomposition = PreferenceDecomposition(3).fit(chosen, rejected)
+    population = fit_population_head(chosen, rejected)
+    by_parts = calibrate_hyperprior(build_head_set(decomposition, population, backbone="linear"), chosen, rejected,
+                                    pairs)
+    built = fit_head_set(decomposition, chosen, rejected, pairs, backbone="linear")
+    shared = fit_head_set(decomposition, chosen, rejected, pairs, population_head=population, backbone="linear")
+    for heads in (built, shared):
+        np.testing.assert_array_equal(heads.weight, by_parts.weight)
+        assert heads.head_names[0] == "population" and heads.info == by_parts.info
+    bare = fit_head_set(decomposition, population_head=False, calibrate=False, backbone="linear")
+    assert bare.head_names[0] == "+pc0" and bare.hyperprior_center is None
+    with pytest.raises(ValueError, match="needs the pairs' features"):
+        fit_head_set(decomposition, backbone="linear")
 
 
 def _as_decomposition(components: np.ndarray, like: PreferenceDecomposition) -> PreferenceDecomposition:
@@ -254,17 +290,22 @@ def test_cli_decompose_adapt_evaluate(tmp_path):
 
 def test_train_drm_recipe_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "train_drm.py", "--dataset", "synthetic", "--synthetic_per_user", "24", "--backbone",
-               "tiny-bert", "--max_length", "64", "--n_components", "4", "--n_values", "[3]", "--seeds", "2",
-               "--use_ray", "false", "--output_dir", str(tmp_path / "run")]
+    command = [sys.executable, "train_drm.py"] + [arg for item in (
+        "dataset=synthetic", "synthetic_per_user=24", "backbone=tiny-bert", "max_length=64", "n_components=4",
+        "n_values=[3]", "seeds=2", "use_ray=false", f"output_dir={tmp_path / 'run'}") for arg in ("--override", item)]
     done = subprocess.run(command, check=False, cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["config"]["backbone"] == "tiny-bert" and report["head_set"]["num_heads"] == 9
     assert (tmp_path / "run" / "heads" / "headset.json").exists()
-    for extra, message in ((["--n_components", "0"], "n_components: must be at least 1"),
-                           (["--n_components", "abc"], "n_components: must be int, got 'abc'"),
+    for extra, message in ((["--override", "n_components=0"], "n_components: must be at least 1"),
+                           (["--override", "n_components=abc"], "n_components: must be int, got 'abc'"),
+                           (["--override", "n_component=4"], "n_component: unknown field; DrmConfig has"),
+                           (["--override", "n_components"], "--override: expected key.sub=value"),
                            (["--config", str(tmp_path / "missing.yaml")], "--config: cannot read"),
-                           (["--n_values", "[40]"], "n=40 adaptation pairs but group")):  # after embedding
+                           (["--override", "n_values=[40]"], "n=40 adaptation pairs but group")):  # after embedding
         bad = subprocess.run(command + extra, check=False, cwd=root, capture_output=True, text=True)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    usage = subprocess.run([sys.executable, "train_drm.py", "--help"], check=False, cwd=root, capture_output=True,
+                           text=True)
+    assert usage.returncode == 0 and "Embed a dataset, decompose" in usage.stdout and "--override" in usage.stdout

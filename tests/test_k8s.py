@@ -418,12 +418,13 @@ def _fits(groups: list[dict[str, Any]], cpus: float, gpus: float) -> list[dict[s
 
 def test_train_vrm_jobs_load_their_config_and_write_to_the_shared_volume(rendered):
     """train_vrm.py's own loader accepts config + overrides; outputs land on the volume every node shares."""
-    from rewardprism.train import load_config
+    from rewardprism.config import load_config
+    from rewardprism.recipes.vrm import VrmConfig
 
     for env, path in JOBS.items():
         _, config_file, flags = entrypoint(rayjob(rendered[path], "train-vrm"))
         assert {flag for flag, _ in flags} <= {"--override"}, flags
-        config = load_config(config_file, [value for _, value in flags])
+        config = load_config(VrmConfig, config_file, [value for _, value in flags])
         assert _on_shared_volume(config.run_dir) and _on_shared_volume(config.export_dir), env
         assert _reachable_from_the_cluster(config.data.source), (env, config.data.source)
         assert config.ray.use_gpu is (env == "prod")
@@ -436,12 +437,14 @@ def test_train_vrm_jobs_load_their_config_and_write_to_the_shared_volume(rendere
 
 
 def test_train_drm_jobs_load_their_config_and_write_to_the_shared_volume(rendered):
-    """train_drm.py's own loader accepts config + flags (`--field value`, YAML values)."""
-    train_drm = _load(ROOT / "train_drm.py", "rewardprism_train_drm")
+    """train_drm.py's own loader accepts config + overrides (`--override field=value`, YAML values)."""
+    from rewardprism.config import load_config
+    from rewardprism.recipes.drm import DrmConfig
+
     for env, path in JOBS.items():
         _, config_file, flags = entrypoint(rayjob(rendered[path], "train-drm"))
-        overrides = {flag.removeprefix("--"): yaml.safe_load(value) for flag, value in flags}
-        config = train_drm.load_config(str(config_file), overrides)
+        assert {flag for flag, _ in flags} <= {"--override"}, flags
+        config = load_config(DrmConfig, config_file, [value for _, value in flags])
         assert _on_shared_volume(config.output_dir), (env, config.output_dir)
         assert config.embeddings is None or _on_shared_volume(config.embeddings), (env, config.embeddings)
         assert _reachable_from_the_cluster(config.dataset), (env, config.dataset)

@@ -21,13 +21,13 @@ import typer
 import yaml
 from rewardprism.backbone import load_backbone
 from rewardprism.cli import app
+from rewardprism.config import ConfigError, from_dict, load_config
 from rewardprism.data import groups_of, split_by_prompt
 from rewardprism.drm import PreferenceDecomposition, build_head_set
 from rewardprism.embed import EmbeddingSet, embed_pairs
 from rewardprism.heads import HeadSet
+from rewardprism.recipes.vrm import VrmConfig
 from rewardprism.synthetic import SyntheticGenerator
-from rewardprism.train import from_dict, load_config
-from rewardprism.vrm import ConfigError
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,16 +96,15 @@ def assert_pngs(paths: list[Path]) -> None:
 def test_every_sweep_file_in_tune_is_valid():
     """Each shipped sweep file passes every check the scripts make before Ray starts, except reading the data."""
     for path in sorted(TUNE.glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text())
-        if "recipe" in raw:
-            space, points = raw.pop("space"), sweep_vrm.explicit_points(raw.pop("points", None))
-            sweep = from_dict(sweep_vrm.VrmSweep, raw, "")
-            sweep_vrm.search_space(space)
-            recipe = load_config(ROOT / sweep.recipe, sweep.overrides)
+        if "recipe" in yaml.safe_load(path.read_text()):
+            sweep = load_config(sweep_vrm.VrmSweep, path)
+            points = sweep_vrm.explicit_points(sweep.points)
+            sweep_vrm.search_space(sweep.space)
+            recipe = load_config(VrmConfig, ROOT / sweep.recipe, sweep.overrides)
             sweep_vrm.check_reports(recipe)
-            sweep_vrm.check_values(recipe.to_dict(), space, points)
+            sweep_vrm.check_values(recipe.to_dict(), sweep.space, points)
         else:
-            from_dict(sweep_drm.DrmSweep, raw, "")
+            load_config(sweep_drm.DrmSweep, path)
 
 
 def test_sweep_files_fail_naming_the_field():
@@ -123,14 +122,14 @@ def test_sweep_files_fail_naming_the_field():
     for message, spec in bad_ranges.items():
         with pytest.raises(ConfigError, match=f"^space.model.lam: {message.split(':')[0]}"):
             sweep_vrm.search_space({"model.lam": spec})
-    recipe = load_config(ROOT / "configs" / "vrm_tiny.yaml").to_dict()
+    recipe = load_config(VrmConfig, ROOT / "configs" / "vrm_tiny.yaml").to_dict()
     with pytest.raises(ConfigError, match="^model.betaw: unknown field"):
         sweep_vrm.check_values(recipe, {"model.betaw": {"uniform": [0.0, 1.0]}}, [])
     with pytest.raises(ConfigError, match="^model.latent_dim: must be a positive integer"):
         sweep_vrm.check_values(recipe, {"model.latent_dim": {"choice": [4, 0]}}, [])
     with pytest.raises(ConfigError, match="^train.checkpoint_every: is 3, not a multiple of train.eval_every=2"):
-        sweep_vrm.check_reports(load_config(ROOT / "configs" / "vrm_tiny.yaml", ["train.checkpoint_every=3",
-                                                                                  "train.eval_every=2"]))
+        sweep_vrm.check_reports(load_config(VrmConfig, ROOT / "configs" / "vrm_tiny.yaml",
+                                            ["train.checkpoint_every=3", "train.eval_every=2"]))
     with pytest.raises(ConfigError, match=r"^methods: unknown \['lasso'\]"):
         from_dict(sweep_drm.DrmSweep, {"methods": ["hyre", "lasso"]}, "")
     with pytest.raises(ConfigError, match="^select_pairs: 7 is not one of adaptation_pairs"):
@@ -152,6 +151,8 @@ def test_bad_sweep_file_exits_naming_the_field(tmp_path):
     broken.write_text("heads: [1\n")
     result = CliRunner().invoke(command, ["--config", str(broken)])
     assert result.exit_code == 2 and result.stderr.startswith(f"error: --config: {broken} is not valid YAML")
+    result = CliRunner().invoke(command, ["--config", str(TUNE / "drm_smoke.yaml"), "--override", "run.name=.."])
+    assert result.exit_code == 2 and result.stderr.startswith("error: run.name: must be a folder name"), result.output
     vrm = typer.Typer()
     vrm.command()(sweep_vrm.main)
     empty = sweep_file("vrm_smoke.yaml", tmp_path, samples=0, points=None)
@@ -243,7 +244,7 @@ def test_vrm_sweep_end_to_end(tmp_path, ray_cluster):
     assert len(list(experiment.glob("run_trial_*/events.out.tfevents.*"))) == 2  # Tune's, per trial
 
     summary = json.loads((experiment / "best" / "summary.json").read_text())
-    best = load_config(experiment / "best" / "config.yaml")  # a recipe train_vrm.py runs as it is
+    best = load_config(VrmConfig, experiment / "best" / "config.yaml")  # a recipe train_vrm.py runs as it is
     assert (best.model.lam, best.model.latent_dim) == (summary["params"]["model.lam"],
                                                        summary["params"]["model.latent_dim"])
     assert (best.data.supervision == "none") == (best.model.lam == 0)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from rewardprism.backbone import load_backbone
+from rewardprism.config import ConfigError
 from rewardprism.heads import HeadSet
 from rewardprism.synthetic import ATTRIBUTES, SyntheticGenerator
-from rewardprism.train import PairCollator
+from rewardprism.train_data import PairCollator
 from rewardprism.vrm import (
-    ConfigError,
     RewardModel,
     RewardModelConfig,
     bt_loss,
@@ -209,7 +209,7 @@ def test_export_reload_gives_identical_scores(tmp_path, kind, spec, padding_side
 
 def test_a_bf16_model_scores_pairs_as_its_float32_self(tmp_path):
     """bf16 is what `from_pretrained` gives on CUDA; the extractor's features are float32 whatever the model."""
-    from rewardprism.train import score_pairs
+    from rewardprism.train_eval import score_pairs
 
     make_model().save_pretrained(tmp_path / "m")
     pairs = SyntheticGenerator(0).dataset(2)

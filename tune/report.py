@@ -20,7 +20,8 @@ matplotlib.use("Agg")  # files only, also on machines without a display
 import matplotlib.pyplot as plt
 import numpy as np
 import typer
-from sweeps import BEST_DIR, PLOTS_DIR, RESULTS_JSON, SWEEP_JSON
+from rewardprism.cli_common import fail
+from sweeps import BEST_DIR, PLOTS_DIR, RESULTS_JSON, SWEEP_JSON, RunSettings
 
 DPI = 110
 
@@ -54,6 +55,14 @@ def render_report(experiment: Path, *, heads: int | None = None, pairs: int | No
     return [plot_accuracy_vs_heads(rows, meta, title, out / "accuracy_vs_heads.png"),
             plot_weights(groups, names, weights, label, out / "adapted_weights.png"),
             plot_correlation(groups, weights, label, out / "weight_correlation.png")]
+
+
+def finish(run: RunSettings, summary: dict[str, Any]) -> None:
+    """The sweep scripts' last step: render the sweep's plots, print where the results and the best configuration
+    are."""
+    plots = render_report(run.experiment_dir)
+    typer.echo(json.dumps({"experiment": str(run.experiment_dir), "best": summary,
+                           "plots": [str(p) for p in plots]}, indent=1, default=str))
 
 
 # ----------------------------------------------------------------------------------------------- VRM
@@ -202,8 +211,6 @@ def main(
     out: Annotated[Path | None, typer.Option(help="folder for the PNGs (default: <experiment>/plots)")] = None,
 ) -> None:
     """Render a finished sweep's plots."""
-    from rewardprism.cli import fail
-
     try:
         paths = render_report(experiment.expanduser().resolve(), heads=heads, pairs=pairs, method=method, out=out)
     except (FileNotFoundError, ValueError) as exc:

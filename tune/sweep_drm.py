@@ -1,14 +1,16 @@
 """A Ray Tune sweep of DRM personalization: heads k × adaptation pairs n × method, each over many seeds.
 
     python tune/sweep_drm.py --config tune/drm_alpaca.yaml            # AlpacaEval, MiniLM embeddings
+    python tune/sweep_drm.py --config tune/drm_alpaca.yaml --override seeds=5 --override run.name=quick
     python tune/sweep_drm.py --config tune/drm_alpaca.yaml --resume   # finish an interrupted sweep (Tuner.restore)
     ray job submit --working-dir . -- python tune/sweep_drm.py --config SWEEP.yaml   # absolute paths in it
 
-One decomposition serves every k. The driver fits the PCA once, with the largest k, on the training split; a
-trial with k heads keeps its first k components (the top k eigenvectors of the covariance are the first k of
-its top K), so a trial costs a matrix product and an adaptation.
+One decomposition serves every k. The driver fits the PCA once, with the largest k, on the training split; the
+head set with k heads keeps its first k components (the top k eigenvectors of the covariance are the first k of
+its top K) and is built and calibrated once, as `rewardprism decompose` ships one
+(`rewardprism.calibrate.fit_head_set`), so a trial costs a matrix product and an adaptation.
 
-Each trial (k, n, method) runs the paper's protocol as `rewardprism.evaluate.evaluate_adaptation` states it:
+Each trial (k, n, method) runs the paper's protocol as `rewardprism.protocol.evaluate_adaptation` states it:
 per group of the test split and per seed, n of the group's pairs are labelled, a profile is adapted, and the
 group's pairs are scored — the honest accuracy leaves the n out, the reference's keeps them. Methods are those
 of `rewardprism.adapt` (`hyre`, `bt`, `default`) from the head set's default profile, and the paper's baselines
@@ -19,6 +21,7 @@ trial takes about a second.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,13 +29,15 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
+from report import finish
+from rewardprism.calibrate import fit_head_set
+from rewardprism.cli_common import fail, overrides
+from rewardprism.config import ConfigError, load_config
 from rewardprism.data import DataError, groups_of
-from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
+from rewardprism.drm import PreferenceDecomposition, fit_population_head
 from rewardprism.embed import EmbeddingSet
 from rewardprism.evaluate import Split
 from rewardprism.heads import HeadSet
-from rewardprism.train import from_dict, read_config_file
-from rewardprism.vrm import ConfigError
 from sweeps import (
     BEST_DIR,
     NoTrialFinished,
@@ -40,9 +45,9 @@ from sweeps import (
     RunSettings,
     best_or_exit,
     connect_ray,
-    finish,
     fit_or_restore,
     max_concurrent_trials,
+    resume_command,
     save_head_set,
     stop_if_interrupted,
     write_best,
@@ -52,6 +57,7 @@ from sweeps import (
 RANDOM = {"random-uniform": "uniform", "random-gaussian": "gaussian"}  # baseline → `random_heads` distribution
 METHODS = ("hyre", "bt", "default", *RANDOM)
 ADAPTED = "adapted.npz"  # in each trial's checkpoint: the adapted profiles and the pairs they were adapted from
+Overrides = overrides("seeds=5")
 METRIC = "accuracy"  # honest: the adaptation pairs are not scored
 
 
@@ -94,18 +100,12 @@ class SweepData:
     """Everything a trial reads; the driver builds it once and Ray puts it in the object store."""
 
     split: Split  # features and pairs, split by prompt
-    decomposition: PreferenceDecomposition  # top K = max(heads), fitted once on the training pairs
-    population: np.ndarray | None  # (d,) or None
-    backbone: str
-    dataset: str
-    calibration: dict[int, dict[str, Any]]  # k → the head set's calibrated hyperprior (`info` entries)
+    head_sets: dict[int, HeadSet]  # k → the top-k head set, calibrated, fitted on the training pairs
 
 
 def load_data(sweep: DrmSweep) -> SweepData:
     """Split by prompt, check every group can label n pairs, fit the one decomposition (and population head),
-    and calibrate each k's hyperprior once (it does not depend on n or the method)."""
-    from rewardprism.evaluate import calibrate_hyperprior
-
+    and build each k's head set with its calibrated hyperprior once (it does not depend on n or the method)."""
     try:
         embeddings = EmbeddingSet(sweep.embeddings)
     except FileNotFoundError as exc:
@@ -117,20 +117,18 @@ def load_data(sweep: DrmSweep) -> SweepData:
         if size <= max(sweep.adaptation_pairs):
             raise ConfigError("adaptation_pairs", f"group {group!r} has {size} held-out pairs; "
                                                   f"n={max(sweep.adaptation_pairs)} leaves none to score honestly")
-    k = max(sweep.heads)
-    if k > embeddings.dim:
-        raise ConfigError("heads", f"k={k} exceeds the embedding dimension {embeddings.dim}")
+    largest = max(sweep.heads)
+    if largest > embeddings.dim:
+        raise ConfigError("heads", f"k={largest} exceeds the embedding dimension {embeddings.dim}")
     train_chosen, train_rejected, train_pairs = split.training()
-    decomposition = PreferenceDecomposition(k).fit(train_chosen, train_rejected)
-    population = fit_population_head(train_chosen, train_rejected) if sweep.population_head else None
-    calibration = {}
-    for heads in sweep.heads:
-        calibrated = calibrate_hyperprior(build_head_set(first_components(decomposition, heads), population,
-                                                         backbone=embeddings.backbone),
-                                          train_chosen, train_rejected, train_pairs)
-        calibration[heads] = {key: calibrated.info[key] for key in ("hyperprior_center", "hyperprior_calibration")}
-    return SweepData(split, decomposition, population, embeddings.backbone,
-                     embeddings.index.get("dataset", sweep.embeddings), calibration)
+    decomposition = PreferenceDecomposition(largest).fit(train_chosen, train_rejected)
+    # one population head for every k: fitted on the same pairs whatever k is
+    population = fit_population_head(train_chosen, train_rejected) if sweep.population_head else False
+    head_sets = {k: fit_head_set(first_components(decomposition, k), train_chosen, train_rejected, train_pairs,
+                                 population_head=population, backbone=embeddings.backbone,
+                                 dataset=embeddings.index.get("dataset", sweep.embeddings))
+                 for k in sweep.heads}
+    return SweepData(split, head_sets)
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -147,14 +145,6 @@ def first_components(decomposition: PreferenceDecomposition, k: int) -> Preferen
     return top
 
 
-def head_set(data: SweepData, k: int, name: str = "drm") -> HeadSet:
-    """The top-k head set with its calibrated hyperprior, as `rewardprism decompose` ships one."""
-    heads = build_head_set(first_components(data.decomposition, k), data.population, backbone=data.backbone,
-                           dataset=data.dataset, name=name)
-    heads.info.update(data.calibration[k])
-    return heads
-
-
 def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) -> tuple[dict[str, Any],
                                                                                         dict[str, np.ndarray]]:
     """The protocol for one (k, n, method): metrics, and the adapted profiles behind them for the figures.
@@ -163,27 +153,24 @@ def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) ->
     groups, n), and each head's score std on the test responses (H,), which puts the weights of differently
     scaled heads on one footing in the figures.
     """
-    from rewardprism.adapt import adapt_users
-    from rewardprism.evaluate import evaluate_adaptation, random_heads, sample_adaptation
+    from rewardprism.evaluate import random_heads
+    from rewardprism.protocol import evaluate_adaptation
 
-    heads = head_set(data, k)
-    names = heads.head_names
+    head_set = data.head_sets[k]
+    names = head_set.head_names
     if method in RANDOM:  # as many random directions as the head set has heads; HyRe ignores the prior
-        test, adapter = data.split.scored(random_heads(heads.dim, heads.num_heads, RANDOM[method])), "hyre"
-        names = [f"random{i}" for i in range(heads.num_heads)]
+        test, adapter = data.split.scored(random_heads(head_set.dim, head_set.num_heads, RANDOM[method])), "hyre"
+        names = [f"random{i}" for i in range(head_set.num_heads)]
     else:
-        test, adapter = data.split.scored(heads), method
-    prior, seed_list = heads.default_weights.astype(np.float64), range(seeds)
-    result = evaluate_adaptation(test, n, method=adapter, prior=prior, seeds=seed_list, center=heads.hyperprior_center)
-    # evaluate_adaptation keeps only accuracies: the same draws adapted again give the profiles it scored
-    picks = sample_adaptation(test, n, seed_list)  # {group: (S, n)}
-    weights = np.stack([adapt_users(test.chosen[p], test.rejected[p], prior, method=adapter,
-                                    center=heads.hyperprior_center)[0] for p in picks.values()], axis=1)  # (S, G, H)
+        test, adapter = data.split.scored(head_set), method
+    result = evaluate_adaptation(test, n, method=adapter, prior=head_set.default_weights.astype(np.float64),
+                                 seeds=range(seeds), center=head_set.hyperprior_center)
+    weights = np.stack([result.profiles[g] for g in result.groups], axis=1)  # (S, G, H)
     honest, reference = result.summary(honest=True), result.summary()
     metrics = {METRIC: honest["overall"][0], f"{METRIC}_std": honest["overall"][1],
                f"{METRIC}_reference": reference["overall"][0],
-               f"{METRIC}_by_group": {g: honest[g][0] for g in result.groups}, "num_heads": heads.num_heads}
-    profiles = {"weights": weights, "picks": np.stack(list(picks.values()), axis=1),
+               f"{METRIC}_by_group": {g: honest[g][0] for g in result.groups}, "num_heads": head_set.num_heads}
+    profiles = {"weights": weights, "picks": np.stack([result.picks[g] for g in result.groups], axis=1),
                 "head_std": np.concatenate([test.chosen, test.rejected]).std(0),
                 "head_names": np.array(names), "groups": np.array(result.groups)}
     return metrics, profiles
@@ -210,27 +197,28 @@ def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) ->
     row = max(candidates, key=lambda r: r[METRIC])
     k, method = row["config/heads"], row["config/method"]
     folder = sweep.run.experiment_dir / BEST_DIR
-    heads = save_head_set(head_set(data, k, name=sweep.run.name), folder / "headset", f"k{k}")
+    head_set = save_head_set(dataclasses.replace(data.head_sets[k], name=sweep.run.name), folder / "headset",
+                             f"k{k}")
     config = {**{f: getattr(sweep, f) for f in ("embeddings", "test_fraction", "split_seed", "population_head")},
               "heads": k, "method": method}
     summary = {"kind": "drm", "heads": k, "method": method, "pairs": sweep.select_pairs, METRIC: row[METRIC],
                f"{METRIC}_std": row[f"{METRIC}_std"], f"{METRIC}_reference": row[f"{METRIC}_reference"],
                "seeds": sweep.seeds, "trial_id": row["trial_id"]}
-    write_best(folder, summary, config, heads)
+    write_best(folder, summary, config, head_set)
     return summary
 
 
 def main(
     config: Annotated[Path, typer.Option(help="sweep file, e.g. tune/drm_alpaca.yaml")],
+    override: Overrides = None,
     resume: Resume = False,
 ) -> None:
     """Sweep DRM head counts, adaptation sizes and methods with Ray Tune; write the table, best head set, plots."""
     import ray
     import ray.tune
-    from rewardprism.cli import fail
 
     try:
-        sweep = from_dict(DrmSweep, read_config_file(config), "")
+        sweep = load_config(DrmSweep, config, override or [])
         data = load_data(sweep)
         connect_ray()
         param_space = {"heads": ray.tune.grid_search(sweep.heads),
@@ -246,7 +234,7 @@ def main(
     except (ConfigError, DataError) as exc:
         fail(str(exc))
     stop_if_interrupted(grid, len(sweep.heads) * len(sweep.adaptation_pairs) * len(sweep.methods),
-                        f"python tune/sweep_drm.py --config {config} --resume")
+                        resume_command("sweep_drm.py", config, override))
     rows = write_results(grid, "drm", {"config": asdict(sweep), "metric": METRIC, "adapted": ADAPTED})
     summary = best_or_exit(lambda: export_best(rows, data, sweep))
     finish(sweep.run, summary)

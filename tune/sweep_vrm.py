@@ -1,13 +1,15 @@
 """A Ray Tune sweep over VRM's λ, β_w, β_z and latent size; every trial is one Ray Train + DeepSpeed run.
 
     python tune/sweep_vrm.py --config tune/vrm_small.yaml            # the default space on this machine's CPU
+    python tune/sweep_vrm.py --config tune/vrm_small.yaml --override samples=1 --override seeds=1
     python tune/sweep_vrm.py --config tune/vrm_small.yaml --resume   # finish an interrupted sweep (Tuner.restore)
     ray job submit --working-dir . -- python tune/sweep_vrm.py --config tune/vrm_small.yaml
 
-Ray's pattern for Tune over Train (Train V2, the default in Ray 2.60): a Tune trial is a driver function that builds
-a `TorchTrainer` over the recipe's `TrainingWorker` (`rewardprism.train`) and fits it; `TuneReportCallback` hands
-what rank 0 reports — held-out pairwise accuracy every `train.eval_every` steps — to Tune, where ASHA stops weak
-trials early. Each Train run is named after its trial, so a restored trial resumes from its latest checkpoint.
+Ray's pattern for Tune over Train (Train V2, the default in Ray 2.60): a Tune trial is a driver function that runs
+the training recipe (`rewardprism.recipes.vrm.VrmRecipe`: its `TorchTrainer` over `TrainingWorker`s) with one
+run callback, `TuneReportCallback`, which hands what rank 0 reports — held-out pairwise accuracy every
+`train.eval_every` steps — to Tune, where ASHA stops weak trials early. Each Train run is named after its trial,
+so a restored trial resumes from its latest checkpoint.
 
 Random configurations are drawn from `space` (seeded) and each runs once per seed (`train.seed`); `points` run as
 given — λ = 0, the unsupervised VRM, is one. At the end: the results table, the best configuration (mean held-out
@@ -16,25 +18,18 @@ accuracy over seeds) with its exported model and head set, and the plots of `rep
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+from report import finish
+from rewardprism.cli_common import fail, overrides
+from rewardprism.config import ConfigError, from_dict, load_config, set_field
 from rewardprism.data import DataError
-from rewardprism.train import (
-    EXPORT_DIR,
-    RecipeConfig,
-    from_dict,
-    load_config,
-    prepare_data,
-    read_config_file,
-    replacing,
-    steps_per_epoch,
-)
-from rewardprism.vrm import ConfigError
+from rewardprism.recipes.vrm import VrmConfig, VrmRecipe, exported_model, steps_per_epoch
+from rewardprism.train_data import prepare_data
 from sweeps import (
     BEST_DIR,
     NoTrialFinished,
@@ -42,15 +37,16 @@ from sweeps import (
     RunSettings,
     best_or_exit,
     connect_ray,
-    finish,
     fit_or_restore,
     max_concurrent_trials,
+    resume_command,
     save_head_set,
     stop_if_interrupted,
     write_best,
     write_results,
 )
 
+Overrides = overrides("samples=2")
 METRIC = "eval_accuracy"  # held-out pairwise accuracy, as `TrainingWorker.evaluate` reports it
 TIME = "step"  # ASHA's clock: optimizer steps, the same unit in every trial and across a resume
 SEED = "train.seed"
@@ -70,13 +66,16 @@ class Asha:
 
 @dataclass
 class VrmSweep:
-    """The sweep file; `space` and `points` are read by `search_space` and `explicit_points`."""
+    """The sweep file; `space` and `points` are checked by `search_space` and `explicit_points` (their keys are
+    dotted recipe fields, which `--override` cannot address: change them in the file)."""
 
     recipe: str = "configs/vrm_tiny.yaml"  # the training recipe every trial starts from
     overrides: list[str] = field(default_factory=list)  # key.sub=value on the recipe, as `train_vrm.py --override`
     samples: int = 4  # random configurations drawn from `space`
     seeds: int = 2  # each configuration runs with train.seed = 0 .. seeds-1
     search_seed: int = 0  # seeds the draws, so a sweep file always means the same configurations
+    space: dict[str, Any] = field(default_factory=dict)  # recipe field → Tune domain (`search_space`)
+    points: list[Any] | None = None  # configurations run as given (`explicit_points`)
     asha: Asha = field(default_factory=Asha)
     run: RunSettings = field(default_factory=lambda: RunSettings(name="vrm-sweep"))
 
@@ -136,19 +135,12 @@ def explicit_points(points: Any) -> list[dict[str, Any]]:
 PATH_FIELDS = ("data.source", "data.drm_heads", "data.drm_backbone", "model.backbone")
 
 
-def trial_recipe(recipe: dict[str, Any], params: dict[str, Any]) -> RecipeConfig:
+def trial_recipe(recipe: dict[str, Any], params: dict[str, Any]) -> VrmConfig:
     """The recipe with dotted `params` set, validated field by field (errors name the field)."""
     data = copy.deepcopy(recipe)
     for key, value in params.items():
         set_field(data, key, value.item() if isinstance(value, np.generic) else value)  # Tune samples numpy
-    return from_dict(RecipeConfig, data, "")
-
-
-def set_field(recipe: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        recipe = recipe.setdefault(part, {})
-    recipe[leaf] = value
+    return from_dict(VrmConfig, data, "")
 
 
 def field_value(recipe: dict[str, Any], key: str) -> Any:
@@ -177,7 +169,7 @@ def check_values(recipe: dict[str, Any], space: dict[str, Any], points: list[dic
         trial_recipe(recipe, point)
 
 
-def check_reports(recipe: RecipeConfig) -> None:
+def check_reports(recipe: VrmConfig) -> None:
     """Tune refuses a report without the metric it schedules on, so every report must carry an evaluation."""
     train = recipe.train
     for name in ("log_every", "checkpoint_every"):
@@ -191,36 +183,18 @@ def check_reports(recipe: RecipeConfig) -> None:
 # rewardprism and Ray, never the sibling modules, which workers cannot import under `ray job submit`.
 
 def run_trial(params: dict[str, Any], recipe: dict[str, Any], train_storage: str) -> None:
-    """One Tune trial: the recipe with this trial's values, fitted as one Ray Train run."""
+    """One Tune trial: the recipe with this trial's values, trained as one Ray Train run whose reports go to Tune.
+
+    The run is named after the trial, so a restored trial continues it (`ray.resume`)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     name = f"train-{ray.tune.get_context().get_trial_id()}"  # stable across restores: the run resumes
-    config = trial_recipe(recipe, {**params, "ray.name": name, "ray.storage_path": train_storage})
-    trainer(config, callbacks=[TuneReportCallback()]).fit()
-
-
-def trainer(config: RecipeConfig, callbacks: list[Any]):
-    """The `TorchTrainer` of `TrainRecipe.train`, with run callbacks (which `TrainRecipe` does not take yet)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from rewardprism.train import ray_dataset, train_loop_per_worker
-
-    data = prepare_data(config)
-    cluster = config.ray
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "steps_per_epoch": steps_per_epoch(config, len(data.train)),
-                           "tensorboard_dir": str(config.run_dir / "tensorboard")},
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        datasets={"train": ray_dataset(data.train, data.train_targets),
-                  "eval": ray_dataset(data.eval, data.eval_targets)},
-        run_config=RunConfig(name=cluster.name, storage_path=cluster.storage_path, callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cluster.keep_checkpoints)),
-    )
+    config = trial_recipe(recipe, {**params, "ray.name": name, "ray.storage_path": train_storage,
+                                   "ray.resume": True})
+    trial = VrmRecipe(config, callbacks=[TuneReportCallback()])
+    trial.setup()
+    trial.train()
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -243,28 +217,25 @@ def export_best(row: dict[str, Any], group: list[dict], recipe: dict[str, Any], 
                 run: RunSettings) -> dict[str, Any]:
     """Copy the best trial's exported model out of its last checkpoint; save its head set and configuration."""
     import ray.train
-    from rewardprism.vrm import RewardModel
 
     folder = run.experiment_dir / BEST_DIR
-    # a finished sweep reported again (--resume) replaces its earlier best, which may have changed
-    with ray.train.Checkpoint(row["checkpoint_path"]).as_directory() as checkpoint, \
-            replacing(folder / "model") as staged:
-        shutil.copytree(Path(checkpoint) / EXPORT_DIR, staged)
     params = {k: row[f"config/{k}"] for k in [*keys, SEED]}
     config = trial_recipe(recipe, {**params, "ray.name": f"{run.name}-best"})
-    model = RewardModel.from_pretrained(folder / "model", device="cpu")
-    heads = save_head_set(model.to_head_set(str(folder / "model"), name=run.name, dataset=config.data.source),
-                          folder / "headset", row["trial_id"])
+    # a finished sweep reported again (--resume) replaces its earlier best, which may have changed
+    with exported_model(ray.train.Checkpoint(row["checkpoint_path"]), folder / "model") as (model, _):
+        head_set = model.to_head_set(str(folder / "model"), name=run.name, dataset=config.data.source)
+    head_set = save_head_set(head_set, folder / "headset", row["trial_id"])
     accuracies = [r[METRIC] for r in group]
     summary = {"kind": "vrm", "params": params, "trial_id": row["trial_id"], METRIC: row[METRIC],
                "mean_over_seeds": float(np.mean(accuracies)), "std_over_seeds": float(np.std(accuracies)),
                "seeds": len(accuracies)}
-    write_best(folder, summary, config.to_dict(), heads)
+    write_best(folder, summary, config.to_dict(), head_set)
     return summary
 
 
 def main(
     config: Annotated[Path, typer.Option(help="sweep file, e.g. tune/vrm_small.yaml")],
+    override: Overrides = None,
     resume: Resume = False,
 ) -> None:
     """Sweep VRM hyperparameters with Ray Tune; write the results table, the best model and the plots."""
@@ -272,20 +243,19 @@ def main(
     import ray.tune
     from ray.tune.schedulers import AsyncHyperBandScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    from rewardprism.cli import fail
 
     try:
-        raw = read_config_file(config)
-        space_spec, points = raw.pop("space", None), explicit_points(raw.pop("points", None))
-        sweep = from_dict(VrmSweep, raw, "")
+        sweep = load_config(VrmSweep, config, override or [])
+        points = explicit_points(sweep.points)
         if sweep.samples + len(points) == 0:
             raise ConfigError("samples", "is 0 and there are no points: the sweep would run nothing")
-        domains = search_space(space_spec)
-        base = load_config(sweep.recipe, sweep.overrides)
+        domains = search_space(sweep.space)
+        base = load_config(VrmConfig, sweep.recipe, sweep.overrides)
         check_reports(base)
         recipe = absolute_paths(base.to_dict())
-        check_values(recipe, space_spec, points)
-        max_t = steps_per_epoch(base, len(prepare_data(base).train)) * base.train.epochs  # data checked here
+        check_values(recipe, sweep.space, points)
+        data = prepare_data(base.data, base.model)  # the data is checked here, before any cluster starts
+        max_t = steps_per_epoch(base, len(data.train)) * base.train.epochs
         connect_ray()
         # A trial: its driver (Tune's default 1 CPU; it prepares the data) and its Train workers. The Train
         # controller takes no resources.
@@ -311,10 +281,9 @@ def main(
     except (ConfigError, DataError) as exc:
         fail(str(exc))
     stop_if_interrupted(grid, (sweep.samples + len(points)) * sweep.seeds,
-                        f"python tune/sweep_vrm.py --config {config} --resume")
+                        resume_command("sweep_vrm.py", config, override))
     keys = [k for k in param_space if k != SEED]
-    rows = write_results(grid, "vrm", {"config": asdict(sweep), "space": space_spec, "points": points,
-                                       "keys": keys, "metric": METRIC, "max_t": max_t})
+    rows = write_results(grid, "vrm", {"config": asdict(sweep), "keys": keys, "metric": METRIC, "max_t": max_t})
     summary = best_or_exit(lambda: export_best(*best_trial(rows, keys, max_t), recipe, keys, sweep.run))
     finish(sweep.run, summary)
 

@@ -1,4 +1,4 @@
-"""Driver-side pieces both sweeps share: the sweep file, the experiment folder, concurrency, results, the best head set.
+"""Driver-side pieces both sweeps share: the experiment folder, concurrency, results, the best head set.
 
 `sweep_vrm.py` and `sweep_drm.py` import this as a sibling module (their folder is on `sys.path`). Only the driver
 runs it: Tune trials run functions defined in the sweep scripts themselves, which Ray ships by value, so workers
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,9 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 import yaml
+from rewardprism.config import ConfigError, output_path
 from rewardprism.embed import write_text_atomically
 from rewardprism.heads import HeadSet
-from rewardprism.train import output_path
-from rewardprism.vrm import ConfigError
 
 RESULTS_CSV = "results.csv"  # one row per trial: its config and its last reported metrics
 RESULTS_JSON = "results.json"  # the same rows, for `report.py` and scripts
@@ -108,6 +108,12 @@ def fit_or_restore(run: RunSettings, trainable: Callable, *, resume: bool, param
     return ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
 
 
+def resume_command(script: str, config: Path, overrides: list[str] | None) -> str:
+    """The command that finishes an interrupted sweep: the same file and overrides, with --resume."""
+    flags = [arg for item in overrides or [] for arg in ("--override", item)]
+    return shlex.join(["python", f"tune/{script}", "--config", str(config), *flags, "--resume"])
+
+
 def stop_if_interrupted(grid: Any, expected: int, resume: str) -> None:
     """After Ctrl+C Tune saves its state and returns as if done: say how to continue instead of reporting a part.
 
@@ -156,31 +162,23 @@ def best_or_exit(export: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         raise typer.Exit(1) from None
 
 
-def save_head_set(heads: HeadSet, folder: Path, label: str) -> HeadSet:
+def save_head_set(head_set: HeadSet, folder: Path, label: str) -> HeadSet:
     """Save with version `<label>-<content hash>`: registering the same heads twice is a no-op in the registry,
     and different heads under the same sweep name never collide."""
-    heads = dataclasses.replace(heads, version=f"{label}-{heads.content_hash[:8]}")
-    heads.save(folder)
-    return heads
+    head_set = dataclasses.replace(head_set, version=f"{label}-{head_set.content_hash[:8]}")
+    head_set.save(folder)
+    return head_set
 
 
-def write_best(folder: Path, summary: dict[str, Any], config: dict[str, Any], heads: HeadSet) -> None:
+def write_best(folder: Path, summary: dict[str, Any], config: dict[str, Any], head_set: HeadSet) -> None:
     """`best/config.yaml` (run it again) and `best/summary.json` (what won, and how to serve it)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomically(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    summary = {**summary, "head_set": {"name": heads.name, "version": heads.version, "path": str(folder / "headset")},
+    summary = {**summary, "head_set": {"name": head_set.name, "version": head_set.version,
+                                       "path": str(folder / "headset")},
                "register": f"rewardprism models register {folder / 'headset'} --activate"}
     write_text_atomically(folder / "summary.json", json.dumps(summary, indent=1, default=_plain))
 
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else str(value)
-
-
-def finish(run: RunSettings, summary: dict[str, Any]) -> None:
-    """The scripts' last step: render the sweep's plots, print where the results and the best configuration are."""
-    from report import render_report  # report.py imports this module
-
-    plots = render_report(run.experiment_dir)
-    typer.echo(json.dumps({"experiment": str(run.experiment_dir), "best": summary,
-                           "plots": [str(p) for p in plots]}, indent=1, default=str))

@@ -11,7 +11,7 @@ Batched functions adapt many users at once, padded to the longest user: (U, n, H
 - `default` (`hierarchical_bt`): the MAP-BT profiles for a ladder of prior strengths, averaged with each
   strength's posterior probability: its Laplace evidence for the user's labels times a log-normal hyperprior.
   The hyperprior's centre belongs to the head set (`HeadSet.hyperprior_center`): the strength at which users
-  drawn from held-out training prompts were scored best (`evaluate.calibrate_hyperprior`).
+  drawn from held-out training prompts were scored best (`calibrate.calibrate_hyperprior`).
 
 Why not HyRe as the default: it starts from a uniform belief over heads and, with few labels, hands the weight
 to whichever head fits them, which can fall below the population head. A prior centred on the population
@@ -34,7 +34,7 @@ Profiles = tuple[np.ndarray, np.ndarray]  # weights (U, H), bias (U,)
 NOT_FINITE = "head scores hold NaN or inf"
 METHODS = ("default", "hyre", "bt")
 # Prior precision / the user's mean squared score gap: the centre of `hierarchical_bt`'s hyperprior for a head set
-# that carries no calibrated one (`HeadSet.hyperprior_center`, chosen by `evaluate.calibrate_hyperprior` when the
+# that carries no calibrated one (`HeadSet.hyperprior_center`, chosen by `calibrate.calibrate_hyperprior` when the
 # head set is built: 1,000 to 100,000 on the data in docs/drm.md, where users mostly agree with the population).
 DEFAULT_STRENGTH = 50.0
 STRENGTHS = np.logspace(-1, 6, 15)  # the ladder `hierarchical_bt` averages over
@@ -334,7 +334,7 @@ def prior_strength_evidence(chosen: np.ndarray, rejected: np.ndarray, mask: np.n
 
     Type-II maximum likelihood across users: the peak says how far this population's users stray from the prior.
     (Not what sets the hyperprior's centre: on HH-RLHF the evidence peaks at 316, a centre that costs accuracy;
-    `evaluate.calibrate_hyperprior` chooses it by held-out accuracy instead.)
+    `calibrate.calibrate_hyperprior` chooses it by held-out accuracy instead.)
     """
     _, evidence, _ = strength_ladder(chosen, rejected, mask, prior=prior, strengths=strengths)  # strongest first
     order = np.argsort(-np.asarray(strengths, dtype=np.float64), kind="stable")

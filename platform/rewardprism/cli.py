@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
+from rewardprism.cli_common import fail
 from rewardprism.cli_drm import adapt, decompose, evaluate
 from rewardprism.cli_serve import serve as serve_command
 from rewardprism.cli_store import db_app, keys_app, models_app, users_app
 from rewardprism.cli_train import train as train_command
 from rewardprism.data import DataError, DatasetSummary
 
-# Sub-command modules import `fail` from here inside their functions, so these imports are not circular.
 app = typer.Typer(help="RewardPrism: decomposed, personalized reward models.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 app.add_typer(db_app, name="db")
@@ -29,25 +29,6 @@ app.command()(evaluate)
 @app.callback()
 def main() -> None:
     """Sub-commands: embed, decompose, adapt, evaluate, train, serve, db, users, keys, models."""
-
-
-def fail(message: str) -> None:
-    """A user error: one clear line on stderr and exit code 2, no traceback."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def load_dataset_arg(dataset: str, *, split: str = "train", fmt: str = "auto", limit: int | None = None,
-                     group: str | None = None, synthetic_per_user: int = 500, seed: int = 0,
-                     skip_bad_rows: bool = False):
-    """`synthetic` means the built-in generator; anything else is a file, folder or hub name."""
-    from rewardprism.data import iter_pairs
-    from rewardprism.synthetic import SyntheticGenerator
-
-    if dataset == "synthetic":
-        pairs = SyntheticGenerator(seed).dataset(synthetic_per_user)
-        return iter(pairs[:limit] if limit is not None else pairs)
-    return iter_pairs(dataset, split=split, fmt=fmt, limit=limit, group=group, skip_bad_rows=skip_bad_rows)
 
 
 @app.command()
@@ -76,10 +57,11 @@ def embed(
     """Embed every pair's chosen and rejected response with a backbone, streaming shards to disk."""
     from rewardprism.backbone import load_backbone
     from rewardprism.embed import EmbeddingSet, embed_pairs
+    from rewardprism.sources import open_dataset
 
     try:
-        pairs = load_dataset_arg(dataset, split=split, fmt=fmt, limit=limit, group=group,
-                                 synthetic_per_user=synthetic_per_user, seed=seed, skip_bad_rows=skip_bad_rows)
+        pairs = open_dataset(dataset, split=split, fmt=fmt, limit=limit, group=group,
+                             synthetic_per_user=synthetic_per_user, seed=seed, skip_bad_rows=skip_bad_rows)
         if ray:
             import ray as ray_lib
 

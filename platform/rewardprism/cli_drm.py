@@ -13,6 +13,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from rewardprism.cli_common import fail
+
 SplitPart = Annotated[str, typer.Option("--split", help="which pairs to fit on: train (the split evaluate "
                                                         "leaves out), test, or all")]
 TestFraction = Annotated[float, typer.Option(help="share of prompts in the test split")]
@@ -36,10 +38,9 @@ def decompose(
                                                  "cross-fitting on the same pairs (reads them into memory)")] = True,
 ) -> None:
     """Principal directions of preference differences as a head set (+PCs, −PCs, optional population head)."""
-    from rewardprism.cli import fail
-    from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
+    from rewardprism.calibrate import fit_head_set
+    from rewardprism.drm import PreferenceDecomposition
     from rewardprism.drm_ray import decompose_folder
-    from rewardprism.evaluate import calibrate_hyperprior
 
     data = _embeddings(embeddings, "--embeddings")
     rows = _split_rows(data, split, test_fraction, split_seed)
@@ -47,6 +48,7 @@ def decompose(
         import ray as ray_lib
 
         ray_lib.init(ignore_reinit_error=True)
+    chosen = rejected = pairs = None
     try:
         in_memory = population_head or calibrate  # these need the pairs loaded: decompose them there too
         if in_memory:
@@ -56,20 +58,20 @@ def decompose(
             decomposition = PreferenceDecomposition(components).fit(chosen, rejected)
         else:
             decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
-        population = fit_population_head(chosen, rejected) if population_head else None
-        heads = build_head_set(decomposition, population, backbone=data.backbone, name=name, version=version,
-                               dataset=f"{data.index.get('dataset') or embeddings} [{split}]")
         if calibrate:
-            pairs = data.pairs()
-            calibrate_hyperprior(heads, chosen, rejected, [pairs[i] for i in rows])
+            everything = data.pairs()
+            pairs = [everything[i] for i in rows]
+        head_set = fit_head_set(decomposition, chosen, rejected, pairs, population_head=population_head,
+                                calibrate=calibrate, backbone=data.backbone, name=name, version=version,
+                                dataset=f"{data.index.get('dataset') or embeddings} [{split}]")
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
-    heads.save(out)
-    typer.echo(json.dumps({"out": str(out), "heads": heads.num_heads, "content_hash": heads.content_hash,
-                           "pairs": int(decomposition.n_samples_seen_), "backbone": heads.backbone,
+    head_set.save(out)
+    typer.echo(json.dumps({"out": str(out), "heads": head_set.num_heads, "content_hash": head_set.content_hash,
+                           "pairs": int(decomposition.n_samples_seen_), "backbone": head_set.backbone,
                            "explained_variance_ratio_top5":
                                np.round(decomposition.explained_variance_ratio_[:5], 4).tolist(),
-                           "hyperprior_center": heads.hyperprior_center}, indent=1))
+                           "hyperprior_center": head_set.hyperprior_center}, indent=1))
 
 
 def adapt(
@@ -82,7 +84,6 @@ def adapt(
 ) -> None:
     """A user's profile (weights over the heads, bias) from their labelled pairs, starting at the population."""
     from rewardprism.adapt import METHODS, adapt_profile
-    from rewardprism.cli import fail
     from rewardprism.data import groups_of
 
     if method not in METHODS:
@@ -128,7 +129,6 @@ def evaluate(
 ) -> None:
     """The DRM paper's protocol: per group, n labelled pairs × seeds, mean (std) accuracy, baselines."""
     from rewardprism.adapt import METHODS
-    from rewardprism.cli import fail
     from rewardprism.evaluate import Split, drm_report, to_markdown
 
     n_values = n or [5, 15, 50]
@@ -162,7 +162,6 @@ def evaluate(
 
 
 def _embeddings(path: Path, option: str):
-    from rewardprism.cli import fail
     from rewardprism.embed import EmbeddingSet
 
     try:
@@ -172,7 +171,6 @@ def _embeddings(path: Path, option: str):
 
 
 def _pairs(data, option: str) -> list:
-    from rewardprism.cli import fail
 
     try:
         return data.pairs()
@@ -181,7 +179,6 @@ def _pairs(data, option: str) -> list:
 
 
 def _head_set(path: Path):
-    from rewardprism.cli import fail
     from rewardprism.heads import HeadSet
 
     try:
@@ -191,7 +188,6 @@ def _head_set(path: Path):
 
 
 def _check_backbone(head_set, data, option: str = "--embeddings") -> None:
-    from rewardprism.cli import fail
 
     if head_set.backbone != data.backbone or head_set.dim != data.dim:
         fail(f"{option}: embeddings are from {data.backbone} ({data.dim}-d), the head set reads "
@@ -199,7 +195,6 @@ def _check_backbone(head_set, data, option: str = "--embeddings") -> None:
 
 
 def _split_rows(data, split: str, test_fraction: float, seed: int) -> np.ndarray | None:
-    from rewardprism.cli import fail
     from rewardprism.data import split_by_prompt
 
     if split == "all":

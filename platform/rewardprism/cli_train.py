@@ -1,36 +1,64 @@
-"""`rewardprism train`: the reward-model training recipe (`rewardprism.train`) from the command line.
+"""The training recipes from the command line: `rewardprism train` (VRM / BT, = train_vrm.py) and train_drm.py.
 
-`python train_vrm.py` runs this same command, so `ray job submit --working-dir . -- python train_vrm.py ...`
-and `rewardprism train ...` take the same options.
+Both take `--config FILE.yaml` and repeated `--override key.sub=value`, so `ray job submit --working-dir . --
+python train_vrm.py ...` and `rewardprism train ...` take the same options. A bad field exits 2 naming it.
 """
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from rewardprism.cli_common import fail, log_progress, overrides
+from rewardprism.config import ConfigError, load_config
+from rewardprism.data import DataError
+
+VrmOverrides = overrides("model.lam=0.5")
+DrmOverrides = overrides("n_components=20")
+
 
 def train(
     config: Annotated[Path, typer.Option(help="recipe config YAML, e.g. configs/vrm_tiny.yaml")],
-    override: Annotated[list[str] | None, typer.Option(
-        "--override", metavar="KEY=VALUE", help="set a config field, e.g. model.lam=0.5 (repeatable; values are YAML)")
-    ] = None,
+    override: VrmOverrides = None,
 ) -> None:
     """Train a VRM or BT reward model on Ray Train with DeepSpeed; export the model folder and its head set."""
-    from rewardprism.cli import fail
-    from rewardprism.data import DataError
-    from rewardprism.train import load_config, run
-    from rewardprism.vrm import ConfigError
+    from rewardprism.recipes.vrm import VrmConfig, run
 
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("rewardprism").setLevel(logging.INFO)  # the recipe's progress lines
+    log_progress()
     try:
-        recipe = load_config(config, override or [])
+        recipe = load_config(VrmConfig, config, override or [])
         metrics = run(recipe)  # checks config and data before any cluster starts
     except (ConfigError, DataError) as exc:
         fail(str(exc))
     summary = {k: metrics["eval"][k] for k in ("eval_pairs", "accuracy", "accuracy_by_group")}
     typer.echo(json.dumps({"model": str(recipe.export_dir), **summary}, indent=1))
+
+
+def train_drm(
+    config: Annotated[Path | None, typer.Option(help="recipe config YAML, e.g. configs/drm_synthetic.yaml "
+                                                     "(default: DrmConfig's defaults)")] = None,
+    override: DrmOverrides = None,
+) -> None:
+    """Embed a dataset, decompose its training split into a DRM head set, evaluate it (the paper's tables)."""
+    from rewardprism.recipes.drm import DrmConfig, DrmRecipe
+
+    log_progress()
+    try:
+        recipe = DrmRecipe(load_config(DrmConfig, config, override or []))
+        recipe.setup()
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        recipe.run()
+        recipe.save()
+    except DataError as exc:
+        fail(f"dataset: {exc}")
+    except ValueError as exc:  # a value the data makes impossible: n over a group's size, k over the dimension
+        fail(str(exc))
+    finally:
+        recipe.cleanup()
+    typer.echo(f"head set and report in {recipe.out}")
+    overall = {row["label"]: round(row["reference"]["overall"][0], 4) for row in recipe.report["rows"]}
+    typer.echo(json.dumps(overall, indent=1))

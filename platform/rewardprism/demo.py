@@ -8,20 +8,26 @@
 5. one prompt with differently styled answers is scored for every user (`POST /v1/score`), and each user's
    held-out pairs are compared (`POST /v1/compare`) with their profile and with the population's.
 
-    python -m rewardprism.demo [--workdir runs/demo] [--backbone minilm] [--port 8000] [--held-out 300]
+    python -m rewardprism.demo [--config configs/demo.yaml] [--override held_out=40 --override port=8001 ...]
+
+An entry point, not library: it starts a store and the Serve app of serve_apps (`serve_apps.local`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import numpy as np
+import typer
 
+from rewardprism.cli_common import fail, overrides
+from rewardprism.config import ConfigError, load_config
 from rewardprism.data import PreferencePair
 from rewardprism.synthetic import DEFAULT_USERS, SyntheticGenerator
 
@@ -30,6 +36,21 @@ N_FEEDBACK = 15  # labels a user gives
 N_HELD_OUT = 300  # pairs per user scored afterwards: sampling noise ±3 points (40 left ±8)
 K = 16
 SHARPNESS = 10.0  # users label consistently (about 95 % agree with their own utility), so gains show
+Overrides = overrides("held_out=40")
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = "runs/demo"  # embeddings (reused by the next run), head set, SQLite store
+    backbone: str = "minilm"
+    port: int = 8000  # the scoring service's port; a free one if it is taken
+    held_out: int = N_HELD_OUT  # pairs per user scored at the end
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError("port", f"must be a TCP port (1 to 65535), got {self.port}")
+        if self.held_out < 1:
+            raise ConfigError("held_out", f"must be a positive number of pairs, got {self.held_out}")
 
 
 def free_port(preferred: int) -> int:
@@ -42,13 +63,13 @@ def free_port(preferred: int) -> int:
             return s.getsockname()[1]
 
 
-def build_head_set(workdir: Path, backbone: str, generator: SyntheticGenerator) -> Path:
-    """Embed the population's pairs on Ray, decompose, add the population head, save."""
+def fit_demo_head_set(workdir: Path, backbone: str, generator: SyntheticGenerator) -> Path:
+    """Embed the population's pairs on Ray, decompose, add the population head, calibrate, save."""
     from rewardprism.backbone import load_backbone
-    from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
+    from rewardprism.calibrate import fit_head_set
+    from rewardprism.drm import PreferenceDecomposition
     from rewardprism.embed import EmbeddingSet
     from rewardprism.embed_ray import embed_pairs_ray
-    from rewardprism.evaluate import calibrate_hyperprior
 
     pairs = generator.dataset(N_POPULATION)
     dim = load_backbone(backbone, device="cpu").dim
@@ -59,13 +80,12 @@ def build_head_set(workdir: Path, backbone: str, generator: SyntheticGenerator) 
     embeddings = EmbeddingSet(workdir / "embeddings")
     decomposition = PreferenceDecomposition(n_components=K).fit_shards(embeddings.shards())
     chosen, rejected = embeddings.load()
-    heads = build_head_set(decomposition, fit_population_head(chosen, rejected), backbone=backbone,
-                           dataset="synthetic", name="demo", version="1")
-    calibrate_hyperprior(heads, chosen, rejected, embeddings.pairs())
-    path = heads.save(workdir / "heads")
+    head_set = fit_head_set(decomposition, chosen, rejected, embeddings.pairs(), backbone=backbone,
+                            dataset="synthetic", name="demo", version="1")
+    path = head_set.save(workdir / "heads")
     top = ", ".join(f"{r:.2f}" for r in decomposition.explained_variance_ratio_[:4])
-    print(f"    head set: {heads.num_heads} heads ({K} PCs ±, + population), explained variance {top}, ...; "
-          f"adaptation's hyperprior centre {heads.hyperprior_center} (cross-fitted)")
+    print(f"    head set: {head_set.num_heads} heads ({K} PCs ±, + population), explained variance {top}, ...; "
+          f"adaptation's hyperprior centre {head_set.hyperprior_center} (cross-fitted)")
     return path
 
 
@@ -95,17 +115,21 @@ def start_service(url: str, backbone: str, port: int) -> None:
     print(f"    scoring service up at http://127.0.0.1:{port} (OpenAPI: /docs)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--backbone", default="minilm")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--held-out", type=int, default=N_HELD_OUT, help="pairs per user scored at the end")
-    args = parser.parse_args()
+def main(
+    config: Annotated[Path | None, typer.Option(help="demo config YAML, e.g. configs/demo.yaml "
+                                                     "(default: DemoConfig's defaults)")] = None,
+    override: Overrides = None,
+) -> None:
+    """The main job end to end on the embedded default: local Ray, SQLite, MiniLM (see the module's docstring)."""
+    try:
+        demo = load_config(DemoConfig, config, override or [])
+    except ConfigError as exc:
+        fail(str(exc))
+    workdir = Path(demo.workdir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a busy 2-core machine starts Ray slowly
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / "rewardprism.db").unlink(missing_ok=True)  # a fresh store each run; embeddings are reused
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "rewardprism.db").unlink(missing_ok=True)  # a fresh store each run; embeddings are reused
 
     import ray
     from ray import serve
@@ -113,12 +137,12 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster, always
     generator = SyntheticGenerator(seed=0, sharpness=SHARPNESS)
     print(f"[1] {len(DEFAULT_USERS)} simulated users: " + ", ".join(u.name for u in DEFAULT_USERS))
-    heads_path = build_head_set(args.workdir, args.backbone, generator)
-    url, token = start_store(args.workdir, heads_path)
-    port = free_port(args.port)
-    start_service(url, args.backbone, port)
+    heads_path = fit_demo_head_set(workdir, demo.backbone, generator)
+    url, token = start_store(workdir, heads_path)
+    port = free_port(demo.port)
+    start_service(url, demo.backbone, port)
     try:
-        run_users(f"http://127.0.0.1:{port}", token, generator, args.held_out)
+        run_users(f"http://127.0.0.1:{port}", token, generator, demo.held_out)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -170,4 +194,4 @@ def run_users(base: str, token: str, generator: SyntheticGenerator, held_out_pai
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -1,8 +1,9 @@
-"""The DRM paper's evaluation protocol, over head scores (Luo et al. 2025, arXiv:2502.13131, §5).
+"""The DRM paper's evaluation report, over head scores (Luo et al. 2025, arXiv:2502.13131, §5).
 
-Each group of the test split (AlpacaEval's `dataset`, or one group for HH-RLHF harmless) stands for a user:
-per seed, n of its pairs are sampled as labelled feedback, a profile is adapted from them, and the profile's
-accuracy (chosen scored above rejected) is measured on the group's test pairs. Seeds give mean (std) per group;
+Each group of the test split (AlpacaEval's `dataset`, or one group for HH-RLHF harmless) stands for a user and
+is adapted and scored by the protocol of `rewardprism.protocol`: per seed, n of its pairs are sampled as
+labelled feedback, a profile is adapted from them, and the profile's accuracy (chosen scored above rejected)
+is measured on the group's test pairs. Seeds give mean (std) per group;
 "overall" averages the groups per seed, then takes mean (std) over seeds. The reference leaves the adaptation
 pairs in the test set; the honest variant removes them, and both are reported.
 
@@ -21,206 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from rewardprism.adapt import (
-    DEFAULT_STRENGTH,
-    STRENGTHS,
-    Method,
-    adapt_users,
-    mix_ladder,
-    prior_strength_evidence,
-    strength_ladder,
-)
+from rewardprism.adapt import DEFAULT_STRENGTH, STRENGTHS, Method, adapt_users, prior_strength_evidence
 from rewardprism.data import PreferencePair, groups_of, split_by_prompt
-from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
+from rewardprism.drm import fit_population_head
 from rewardprism.heads import HeadSet
+from rewardprism.protocol import (
+    SEEDS,
+    ScoredPairs,
+    evaluate_adaptation,
+    fixed_profile,
+    pair_accuracy,
+    sample_adaptation,
+)
 from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, is_synthetic, rating_matrix
-
-SEEDS = tuple(range(20))
-
-
-@dataclass(frozen=True)
-class ScoredPairs:
-    """Head scores of labelled pairs, with each pair's group."""
-
-    chosen: np.ndarray  # (N, H)
-    rejected: np.ndarray  # (N, H)
-    groups: np.ndarray  # (N,) group names
-
-    def __post_init__(self) -> None:
-        if self.chosen.ndim != 2 or self.chosen.shape != self.rejected.shape \
-                or self.groups.shape != (len(self.chosen),):
-            raise ValueError(f"scores must be (N, H) each with N groups, got {self.chosen.shape}, "
-                             f"{self.rejected.shape}, {self.groups.shape}")
-
-    @classmethod
-    def of(cls, heads: np.ndarray | HeadSet, chosen: np.ndarray, rejected: np.ndarray,
-           groups: np.ndarray) -> ScoredPairs:
-        """Score (N, d) features with a head set, or with a bare (H, d) weight matrix (random baselines)."""
-        if isinstance(heads, HeadSet):
-            return cls(heads.scores(chosen), heads.scores(rejected), np.asarray(groups))
-        return cls(np.asarray(chosen) @ heads.T, np.asarray(rejected) @ heads.T, np.asarray(groups))
-
-    @property
-    def group_names(self) -> list[str]:
-        return sorted(set(self.groups.tolist()))
-
-    def indices(self, group: str) -> np.ndarray:
-        return np.flatnonzero(self.groups == group)
-
-
-def sample_adaptation(pairs: ScoredPairs, n: int, seeds: Sequence[int] = SEEDS,
-                      groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Per group, (S, n) indices of the pairs each seed labels: n distinct pairs by `default_rng(seed)`."""
-    if n < 1:
-        raise ValueError(f"n (adaptation pairs per group) must be at least 1, got {n}")
-    out = {}
-    for group in pairs.group_names if groups is None else groups:
-        members = pairs.indices(group)
-        if len(members) == 0:
-            raise ValueError(f"group {group!r} has no pairs to adapt from")
-        if n > len(members):
-            raise ValueError(f"n={n} adaptation pairs but group {group!r} has only {len(members)}")
-        out[group] = np.stack([members[np.random.default_rng(seed).choice(len(members), n, replace=False)]
-                               for seed in seeds])
-    return out
-
-
-def pair_accuracy(chosen: np.ndarray, rejected: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(N, P): whether each of P profiles (weights (P, H)) scores a pair's chosen response (N, H) higher.
-
-    A profile's bias cancels within a pair; a tie counts as wrong.
-    """
-    weights = np.atleast_2d(weights)
-    return chosen @ weights.T > rejected @ weights.T
-
-
-@dataclass
-class AdaptationResult:
-    """Correct pairs and pairs scored, (G, S) per group and seed; `honest_*` leave out the adaptation pairs."""
-
-    label: str
-    groups: list[str]
-    correct: np.ndarray
-    total: np.ndarray
-    honest_correct: np.ndarray | None = None
-    honest_total: np.ndarray | None = None
-
-    def summary(self, honest: bool = False) -> dict[str, tuple[float, float]]:
-        """Mean (std over seeds) per group; "overall" averages the groups per seed, "all pairs" pools them."""
-        correct, total = (self.honest_correct, self.honest_total) if honest else (self.correct, self.total)
-        if correct is None:
-            return {}
-        acc = correct / total  # (G, S)
-        out = {g: (float(a.mean()), float(a.std())) for g, a in zip(self.groups, acc)}
-        overall, pooled = acc.mean(0), correct.sum(0) / total.sum(0)  # (S,)
-        out["overall"] = (float(overall.mean()), float(overall.std()))
-        out["all pairs"] = (float(pooled.mean()), float(pooled.std()))
-        return out
-
-
-def evaluate_adaptation(test: ScoredPairs, n: int, *, method: Method, prior: np.ndarray | None = None,
-                        source: ScoredPairs | None = None, seeds: Sequence[int] = SEEDS, label: str = "",
-                        **opts: Any) -> AdaptationResult:
-    """Adapt one profile per (group, seed) from n pairs of `source` (default: `test` itself), score `test`.
-
-    All seeds of a group adapt in one batched call.
-    """
-    same = source is None
-    source = test if same else source
-    if source.chosen.shape[1] != test.chosen.shape[1]:
-        raise ValueError(f"source has {source.chosen.shape[1]} heads, test {test.chosen.shape[1]}")
-    spent = [g for g in test.group_names if len(test.indices(g)) == n] if same else []
-    if spent:  # the reference variant could still score them, the honest one has nothing left
-        raise ValueError(f"n={n} adaptation pairs would leave none of group {spent[0]!r}'s {n} pairs to test on")
-    picks = sample_adaptation(source, n, seeds, test.group_names)
-    profiles = {group: adapt_users(source.chosen[idx], source.rejected[idx], prior, method=method, **opts)[0]
-                for group, idx in picks.items()}
-    return score_profiles(test, picks, profiles, label or method, honest=same)
-
-
-def score_profiles(test: ScoredPairs, picks: dict[str, np.ndarray], profiles: dict[str, np.ndarray], label: str,
-                   honest: bool) -> AdaptationResult:
-    """Accuracy of each group's (S, H) profiles on its test pairs; `honest` also leaves out the picked pairs."""
-    correct, total, honest_correct, honest_total = [], [], [], []
-    for group, chosen_idx in picks.items():
-        members = test.indices(group)
-        hits = pair_accuracy(test.chosen[members], test.rejected[members], profiles[group])  # (N_g, S)
-        correct.append(hits.sum(0))
-        total.append(np.full(len(chosen_idx), len(members)))
-        if honest:
-            kept = np.stack([~np.isin(members, picked) for picked in chosen_idx], axis=1)  # (N_g, S)
-            honest_correct.append((hits & kept).sum(0))
-            honest_total.append(kept.sum(0))
-    return AdaptationResult(label, list(picks), np.array(correct), np.array(total),
-                            np.array(honest_correct) if honest else None, np.array(honest_total) if honest else None)
-
-
-# Candidate hyperprior centres for `calibrate_hyperprior`, inside `adapt.STRENGTHS` (1e-1 … 1e6) so a decade of
-# hyperprior either side stays on the ladder.
-CENTERS = np.logspace(0, 5, 11)
-
-
-def calibrate_hyperprior(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair],
-                         *, n_values: Sequence[int] = (5, 15), seeds: Sequence[int] = range(10),
-                         centers: np.ndarray = CENTERS, splits: int = 4) -> HeadSet:
-    """Set the default adaptation's hyperprior centre of a DRM head set from the pairs it was fitted on.
-
-    Cross-fitted: the same recipe (k components, population head or not) is refitted on half of the prompts;
-    pseudo-users draw n pairs per group from the other half, are adapted with each candidate centre, and are
-    scored on the rest of their group's pairs. Accuracy is averaged over `n_values` and `splits` random halvings
-    (one halving is noisy on a few hundred pairs: its best centre swung from 1 to 30,000 on the synthetic users),
-    and the best centre wins, ties going to the stronger prior. Why not the evidence (`prior_strength_evidence`):
-    it measures fit to the few labels, and on HH-RLHF peaks where accuracy is below the population head's. Why
-    cross-fit: a population head agrees with the labels it was fitted on more than with a new user's, which would
-    say "never move". Writes `info["hyperprior_center"]` (None when no group has 2n pairs to draw from) and the
-    accuracies.
-    """
-    if heads.kind != "drm" or not {"n_components", "population_head"} <= heads.info.keys():
-        raise ValueError(f"hyperprior calibration refits a DRM head set made by `build_head_set`; this one is "
-                         f"{heads.kind!r} with info {sorted(heads.info)}")
-    accuracy, population, used, groups_all = np.zeros(len(centers)), [], set(), groups_of(pairs)
-    for split_seed in range(splits):
-        fit, held_out = (np.asarray(half, dtype=int) for half in split_by_prompt(pairs, 0.5, split_seed))
-        if len(fit) <= 1 or len(held_out) == 0:
-            raise ValueError(f"hyperprior calibration needs pairs on several prompts, got {len(pairs)} pairs")
-        decomposition = PreferenceDecomposition(heads.info["n_components"]).fit(chosen[fit], rejected[fit])
-        head = fit_population_head(chosen[fit], rejected[fit]) if heads.info["population_head"] else None
-        refit = build_head_set(decomposition, head, backbone=heads.backbone)
-        users = ScoredPairs.of(refit, chosen[held_out], rejected[held_out], groups_all[held_out])
-        population.append(fixed_profile(users, refit.default_weights, "").summary()["overall"][0])
-        for n in n_values:
-            groups = [g for g in users.group_names if len(users.indices(g)) >= 2 * n]
-            if not groups:
-                continue
-            used.add(n)
-            picks = sample_adaptation(users, n, seeds, groups)
-            ladders = {g: strength_ladder(users.chosen[idx], users.rejected[idx], prior=refit.default_weights)
-                       for g, idx in picks.items()}
-            accuracy += [score_profiles(users, picks, {g: mix_ladder(ladder, c) for g, ladder in ladders.items()},
-                                        "", honest=True).summary(honest=True)["overall"][0] for c in centers]
-    calibration: dict[str, Any] = {"n_values": sorted(used), "splits": splits, "pairs": len(pairs),
-                                   "population_accuracy": float(np.mean(population))}
-    center = None
-    if used:
-        accuracy /= len(used) * splits
-        best = np.flatnonzero(accuracy >= accuracy.max() - 1e-12)[-1]  # the strongest of the best
-        center = float(centers[best])
-        calibration["accuracy"] = {f"{c:g}": float(a) for c, a in zip(centers, accuracy)}
-    heads.info.update(hyperprior_center=center, hyperprior_calibration=calibration)
-    return heads
-
-
-def fixed_profile(test: ScoredPairs, weights: np.ndarray, label: str, per_group: bool = False) -> AdaptationResult:
-    """Profiles that need no feedback (population profile, single heads) in the same table shape.
-
-    `weights` is one profile (H,), or with `per_group` one row per group (G, H) (the best-head oracle).
-    """
-    groups = test.group_names
-    weights = np.asarray(weights)
-    correct = np.array([[pair_accuracy(test.chosen[m], test.rejected[m], weights[i] if per_group else weights).sum()]
-                        for i, m in enumerate(map(test.indices, groups))])  # (G, 1)
-    total = np.array([[len(m)] for m in map(test.indices, groups)])
-    return AdaptationResult(label, groups, correct, total, correct, total)
 
 
 def head_accuracy(test: ScoredPairs) -> np.ndarray:

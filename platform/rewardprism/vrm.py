@@ -34,19 +34,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rewardprism.backbone import Backbone, load_backbone
+from rewardprism.config import ConfigError
 from rewardprism.heads import HeadSet
 
 CONFIG_FILE = "reward_config.json"
 HEADS_FILE = "reward_heads.safetensors"
 LOGVAR_RANGE = (-10.0, 10.0)  # keeps σ² = exp(log σ²) finite in fp32 and bf16
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, with the dotted name of its field so the user can find it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 @dataclass
