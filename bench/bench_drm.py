@@ -33,12 +33,13 @@ K = 50
 def write_spectrum_pairs(folder: Path, n: int, dim: int, seed: int = 0) -> None:
     """n pairs whose differences have covariance Q diag(1/(i+1)) Qᵀ and a mean, shard by shard."""
     from rewardprism.embed import ShardWriter
+    from rewardprism.features import FeatureSpec
 
     rng = np.random.default_rng(seed)
     rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
     scale = (1.0 / np.sqrt(np.arange(1, dim + 1)))[:, None] * rotation.T  # (d, d): rows = √λᵢ qᵢᵀ
     mean = rng.standard_normal(dim) * 0.1
-    writer = ShardWriter(folder, "bench", dim)
+    writer = ShardWriter(folder, FeatureSpec("bench", 512, "right", "mean", "joiner"), dim)  # made-up features
     for number, start in enumerate(range(0, n, SHARD)):
         rows = min(SHARD, n - start)
         rejected = rng.standard_normal((rows, dim), dtype=np.float32)

@@ -45,6 +45,7 @@ from rewardprism import store
 from rewardprism.backbone import load_backbone
 from rewardprism.data import render
 from rewardprism.embed import EmbeddingExtractor
+from rewardprism.features import FeatureSpec
 from rewardprism.heads import HeadSet
 from rewardprism.store.migrate import upgrade
 from rewardprism.synthetic import SyntheticGenerator
@@ -190,7 +191,8 @@ def main() -> None:
     backbone = load_backbone(args.backbone, device="cpu", max_length=args.max_tokens)
     rng = np.random.default_rng(0)
     heads = HeadSet(rng.normal(size=(HEADS, backbone.dim)) / np.sqrt(backbone.dim), np.zeros(HEADS),
-                    [f"head{i}" for i in range(HEADS)], "drm", args.backbone, np.eye(HEADS)[0], name="bench")
+                    [f"head{i}" for i in range(HEADS)], "drm", args.backbone, np.eye(HEADS)[0], name="bench",
+                    features=FeatureSpec.of(backbone))
     heads_dir = heads.save(tmp / "heads")
     url, drop = make_database(tmp)
     pool = requests_pool(512, args.responses)
@@ -200,8 +202,7 @@ def main() -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        env = {"DATABASE_URL": url, "RP_HEAD_SET": "bench", "RP_BACKBONE": args.backbone,
-               "RP_MAX_TOKENS": str(args.max_tokens)}
+        env = {"DATABASE_URL": url, "RP_HEAD_SET": "bench"}
         # The embedders share every CPU (Ray sets each one's torch threads from its num_cpus), as the raw forward
         # here uses them all.
         local.run_config(port, local.app_config("bench", "/", env, replicas={"Embedder": args.embedders},

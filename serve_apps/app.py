@@ -1,7 +1,8 @@
 """The Ray Serve application: `serve run serve_apps/config.yaml` (or `rewardprism serve`).
 
 Two thin deployments over plain classes:
-- `Embedder` wraps `rewardprism.scoring.BatchScorer`: the backbone is loaded once per replica, and
+- `Embedder` wraps `rewardprism.scoring.BatchScorer`: the backbone is loaded once per replica, as the served
+  head set's feature spec says (`rewardprism.features`: the features it was fitted on), and
   `@serve.batch` gathers requests from every user and every ingress replica into one token-budget batched
   forward pass, after which each request's own profile is applied (one small matrix product per batch).
   Per-user multiplexing is deliberately not used: it would split batches by user.
@@ -22,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
-from rewardprism.backbone import load_backbone
+from rewardprism.features import FeatureMismatch, FeatureSpec
 from rewardprism.heads import HeadSet
 from rewardprism.scoring import BatchScorer, LruCache, ScoredJob, ScoreJob
 
@@ -66,13 +67,11 @@ class Embedder:
     def __init__(self):
         self.last_batch_s: float | None = None  # how long the last batch's forward passes took
         self.apply(ServeSettings.from_env())
-        self.scorers: dict[str, BatchScorer] = {}  # by backbone spec: normally one
+        self.scorers: dict[FeatureSpec, BatchScorer] = {}  # normally one: the served head set's
         # One thread runs every forward pass: the event loop stays free to gather the next batch, and the memory
         # the allocator keeps for the batch shapes it has seen stays in one arena instead of one per thread.
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="embedder")
         self.heads: LruCache[str, HeadSet] = LruCache(4)  # by content hash: the served one, and the last few
-        if self.settings.backbone:
-            self.scorer(self.settings.backbone)  # load at start, not on the first request
 
     def reconfigure(self, user_config: dict) -> None:
         self.apply(ServeSettings.from_env().live(user_config))
@@ -93,10 +92,19 @@ class Embedder:
         self.last_batch_s = seconds
         self.set_batch_wait()
 
-    def scorer(self, spec: str) -> BatchScorer:
-        if spec not in self.scorers:
-            backbone = load_backbone(spec, device=self.settings.device, max_length=self.settings.max_tokens)
-            self.scorers[spec] = BatchScorer(backbone, self.settings.token_budget, self.settings.max_batch)
+    def scorer(self, heads: HeadSet) -> BatchScorer:
+        """The head set's features, from `RP_BACKBONE`'s copy of the weights when set; a head set whose features
+        this replica cannot make is refused (503, saying why), never scored on other features."""
+        try:
+            spec = heads.feature_spec()
+            if spec not in self.scorers:
+                backbone = spec.load_backbone(device=self.settings.device, weights_from=self.settings.backbone)
+                if backbone.dim != heads.dim:
+                    raise FeatureMismatch(f"{self.settings.backbone} gives {backbone.dim}-d features, the head set "
+                                          f"reads {heads.dim}-d")
+                self.scorers[spec] = BatchScorer(backbone, self.settings.token_budget, self.settings.max_batch)
+        except FeatureMismatch as exc:
+            raise Unavailable(f"cannot serve head set {heads.name}@{heads.version}: {exc}") from None
         return self.scorers[spec]
 
     def head_set(self, ref: HeadSetRef) -> HeadSet:
@@ -125,7 +133,7 @@ class Embedder:
         for ref, members in groups.items():
             try:
                 heads = self.head_set(ref)
-                scorer = self.scorer(self.settings.backbone or ref.backbone)
+                scorer = self.scorer(heads)
                 jobs = [requests[i][1] for i in members]
                 started = time.perf_counter()
                 scored = await asyncio.get_running_loop().run_in_executor(
@@ -174,6 +182,10 @@ class Ingress:
             return await self.embedder.score.remote(ref, job)
         except RayActorError:  # the replica died under this request; Serve is starting another
             raise Unavailable("the embedding replica failed; retry") from None
+        except RayTaskError as exc:  # the replica's own 503 (it cannot serve this head set) stays a 503
+            if isinstance(exc.cause, Unavailable):
+                raise exc.cause from None
+            raise
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.service)

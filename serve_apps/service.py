@@ -102,7 +102,6 @@ class HeadSetRef:
 
     uri: str
     content_hash: str
-    backbone: str
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,7 @@ class ScoringService:
             heads = await asyncio.get_running_loop().run_in_executor(self.db, HeadSet.load, row.uri)
             if heads.content_hash != row.content_hash:
                 raise ValueError(f"head set {row.label} at {row.uri} changed after registration")
-            self.served = ServedHeads(heads, row.id, row.label, HeadSetRef(row.uri, row.content_hash, row.backbone))
+            self.served = ServedHeads(heads, row.id, row.label, HeadSetRef(row.uri, row.content_hash))
             log.info("serving head set %s (%d heads)", row.label, heads.num_heads)
 
     # ------------------------------------------------------------------------------------------ database
@@ -343,7 +342,7 @@ class ScoringService:
         job = ScoreJob(items, profile.weights, profile.bias, self.settings.over_length == "reject")
         result = await self.embed(served.ref, job)
         if result.scores is None:
-            raise over_length_error([field(i) for i in result.over_length], self.settings.max_tokens)
+            raise over_length_error([field(i) for i in result.over_length], served.heads)
         self.metrics.scored(len(items), used.source == "user")
         return served, profile, used, result
 
@@ -459,8 +458,7 @@ class ScoringService:
             if result.scores is None:
                 n, where = len(todo), list(positions.values())
                 raise over_length_error([f"pairs[{index}].{'chosen' if i < n else 'rejected'}"
-                                         for i in result.over_length for index in where[i % n]],
-                                        self.settings.max_tokens)
+                                         for i in result.over_length for index in where[i % n]], heads)
             for i, key in enumerate(missing):
                 known[key] = np.stack([result.head_scores[i], result.head_scores[len(todo) + i]])
                 self.pair_scores.put((digest, key), known[key])
@@ -486,6 +484,7 @@ class ScoringService:
                               cached_profiles=len(self.profiles))
 
 
-def over_length_error(fields: list[str], limit: int) -> ApiError:
+def over_length_error(fields: list[str], heads: HeadSet) -> ApiError:
+    limit = heads.feature_spec().max_length  # the head set's own: the features it was fitted on
     return ApiError(422, f"longer than {limit} tokens (this service refuses over-long texts instead of "
                          "truncating them)", fields)

@@ -28,11 +28,11 @@ class ServeSettings(BaseModel):
     # exists in the store, e.g. to create the first ones. Unset: only the store's keys.
     admin_key: SecretStr | None = None
     head_set: str = Field("default", min_length=1, description="name whose active version is served")
-    backbone: str | None = Field(None, description="backbone spec to use instead of the head set's own")
+    backbone: str | None = Field(None, description="where to load the head set's backbone weights from instead "
+                                 "(a local copy); refused when it makes other features than the head set's spec")
     device: str = "cpu"
-    # Tokens per (prompt, response) text. Longer texts keep their first `max_tokens` tokens (the cut the head
-    # set's training embeddings got) and are flagged `truncated`, or are refused with 422 under `reject`.
-    max_tokens: int = Field(512, ge=8, le=8192)
+    # Texts longer than the head set's feature spec allows (its `max_length`, the cut its features got) are cut
+    # as its features were and flagged `truncated`, or are refused with 422 under `reject`.
     over_length: Literal["truncate", "reject"] = "truncate"
     token_budget: int | None = Field(None, ge=64, description="padded tokens per forward pass (default: the "
                                                                "device's, `rewardprism.embed.default_token_budget`)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from head_sets_for_tests import made_up_features
 from rewardprism.drm import (
     DifferenceMoments,
     PreferenceDecomposition,
@@ -13,6 +14,8 @@ from rewardprism.drm import (
 from rewardprism.drm_ray import decompose_folder
 from rewardprism.embed import ShardWriter
 from rewardprism.heads import HeadSet
+
+TEST_FEATURES = made_up_features("test")  # the spec of the features these tests make up
 
 
 def random_pairs(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +147,7 @@ def test_head_set_layout_defaults_and_round_trip(tmp_path):
     chosen, rejected, _ = structured_pairs()
     dec = PreferenceDecomposition(3).fit(chosen, rejected)
     population = fit_population_head(chosen, rejected)
-    heads = build_head_set(dec, population, backbone="test", dataset="structured")
+    heads = build_head_set(dec, population, features=TEST_FEATURES, dataset="structured")
     assert heads.head_names == ["population", "+pc0", "+pc1", "+pc2", "-pc0", "-pc1", "-pc2"]
     np.testing.assert_allclose(np.linalg.norm(heads.weight, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(heads.weight[1:4], dec.components_, atol=1e-6)
@@ -161,8 +164,8 @@ def test_saving_over_a_head_set_switches_versions_in_one_step(tmp_path, monkeypa
     """New tensors are written beside the old ones; headset.json, replaced last, names which to read. A save
     that stops before that step leaves the old head set whole, one that finishes leaves only the new files."""
     chosen, rejected, _ = structured_pairs()
-    old = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), None, backbone="test")
-    new = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), None, backbone="test")
+    old = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), None, features=TEST_FEATURES)
+    new = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), None, features=TEST_FEATURES)
     old.save(tmp_path / "h")
 
     def interrupted(self):
@@ -180,7 +183,7 @@ def test_saving_over_a_head_set_switches_versions_in_one_step(tmp_path, monkeypa
 def test_mean_profile_is_the_calibrated_mean_direction():
     chosen, rejected, _ = structured_pairs()
     dec = PreferenceDecomposition(3).fit(chosen, rejected)
-    heads = build_head_set(dec, backbone="test")
+    heads = build_head_set(dec, features=TEST_FEATURES)
     assert heads.head_names[0] == "+pc0" and (heads.default_weights >= 0).all()
     np.testing.assert_allclose(heads.default_weights, mean_profile(dec))
     # direct statement: u = projection of the mean on the components, scaled by 2 (u·μ) / (uᵀ Σ u)
@@ -193,7 +196,7 @@ def test_mean_profile_is_the_calibrated_mean_direction():
 
 
 def write_folder(path, chosen, rejected, shard_size: int) -> None:
-    writer = ShardWriter(path, "test", chosen.shape[1])
+    writer = ShardWriter(path, TEST_FEATURES, chosen.shape[1])
     for number, start in enumerate(range(0, len(chosen), shard_size)):
         stop = start + shard_size
         writer.write(number, f"fp{number}", chosen[start:stop], rejected[start:stop], 0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from head_sets_for_tests import made_up_features
 from rewardprism.calibrate import calibrate_hyperprior, fit_head_set
 from rewardprism.cli import app
 from rewardprism.data import save_pairs
@@ -27,6 +28,8 @@ from rewardprism.heads import HeadSet
 from rewardprism.protocol import ScoredPairs, evaluate_adaptation, sample_adaptation
 from rewardprism.synthetic import SyntheticGenerator, rating_matrix
 from typer.testing import CliRunner
+
+LINEAR = made_up_features("linear")  # the spec of the features these tests make up
 
 
 def scored(groups: list[str], heads: int = 4, seed: int = 0) -> ScoredPairs:
@@ -123,7 +126,7 @@ def test_synthetic_heads_span_the_planted_directions_and_adaptation_nears_the_ce
     data = linear_synthetic(per_user=120)
     dec = PreferenceDecomposition(6).fit(data.chosen[data.train], data.rejected[data.train])
     population = fit_population_head(data.chosen[data.train], data.rejected[data.train])
-    heads = build_head_set(dec, population, backbone="linear")
+    heads = build_head_set(dec, population, features=LINEAR)
     report = synthetic_report(data, heads, n=15, seeds=range(10), methods=("hyre", "default"))
     assert min(report["principal_angle_cosines"]) > 0.999
     share = {user: p["default (hierarchical BT) n=15"]["truth"] / p["ceiling (all labels)"]["truth"]
@@ -131,7 +134,7 @@ def test_synthetic_heads_span_the_planted_directions_and_adaptation_nears_the_ce
     assert min(share.values()) > 0.75 and np.mean(list(share.values())) > 0.85
     # the check can fail: random directions of the same size do not span the planted ones
     noise = random_heads(24, 6, "gaussian")
-    lost = synthetic_report(data, build_head_set(_as_decomposition(noise, dec), population, backbone="x"), n=15,
+    lost = synthetic_report(data, build_head_set(_as_decomposition(noise, dec), population, features=LINEAR), n=15,
                             seeds=range(2), methods=("hyre",))
     assert min(lost["principal_angle_cosines"]) < 0.9
 
@@ -139,7 +142,7 @@ def test_synthetic_heads_span_the_planted_directions_and_adaptation_nears_the_ce
 def test_real_data_with_attribute_ratings_is_evaluated_without_the_synthetic_checks():
     data = linear_synthetic(per_user=40)
     dec = PreferenceDecomposition(4).fit(data.chosen[data.train], data.rejected[data.train])
-    heads = build_head_set(dec, None, backbone="linear")
+    heads = build_head_set(dec, None, features=LINEAR)
     report = drm_report(data, heads, n_values=[5], methods=["hyre"], seeds=range(2), baselines=False)
     assert "synthetic" in report
     rated = [dataclasses.replace(p, group=f"team-{p.group}") for p in data.pairs]  # groups of its own
@@ -157,7 +160,7 @@ def test_report_gives_the_pooled_profile_over_the_heads_and_its_share_of_the_gap
     train_c, train_r = data.chosen[data.train], data.rejected[data.train]
     dec = PreferenceDecomposition(1).fit(train_c, train_r)  # ±pc0 only: a narrow span
     one_user = np.array([data.pairs[i].group == "concise" for i in data.train])  # a population that differs
-    heads = build_head_set(dec, fit_population_head(train_c[one_user], train_r[one_user]), backbone="linear")
+    heads = build_head_set(dec, fit_population_head(train_c[one_user], train_r[one_user]), features=LINEAR)
     report = drm_report(data, heads, n_values=[5], methods=["hyre"], seeds=range(2))
     rows = {row["label"]: row["reference"]["overall"][0] for row in report["rows"]}
     label = f"best profile over these heads, all {len(data.train)} training pairs"
@@ -186,7 +189,7 @@ def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_ag
     for name, data in (("differ", differ), ("agree", agree)):
         chosen, rejected = data.chosen[data.train], data.rejected[data.train]
         heads = build_head_set(PreferenceDecomposition(6).fit(chosen, rejected), fit_population_head(chosen, rejected),
-                               backbone="linear")
+                               features=LINEAR)
         assert heads.hyperprior_center is None
         heads = calibrate_hyperprior(heads, chosen, rejected, [data.pairs[i] for i in data.train], seeds=range(10))
         calibration = heads.info["hyperprior_calibration"]
@@ -195,7 +198,7 @@ def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_ag
         centers[name] = heads.hyperprior_center
     assert centers["differ"] <= 10 and centers["agree"] >= 1000
     tiny = linear_synthetic(per_user=8)  # no group has 2n pairs to draw pseudo-users from: left uncalibrated
-    heads = build_head_set(PreferenceDecomposition(3).fit(tiny.chosen, tiny.rejected), None, backbone="linear")
+    heads = build_head_set(PreferenceDecomposition(3).fit(tiny.chosen, tiny.rejected), None, features=LINEAR)
     assert calibrate_hyperprior(heads, tiny.chosen, tiny.rejected, tiny.pairs).hyperprior_center is None
     handmade = HeadSet(heads.weight, heads.bias, heads.head_names, "drm", "linear", heads.default_weights)
     with pytest.raises(ValueError, match="made by `build_head_set`"):
@@ -207,7 +210,7 @@ def test_calibration_returns_a_new_head_set_and_leaves_its_input_alone():
     not see the first calibration in the second's input."""
     data = linear_synthetic(per_user=40)
     chosen, rejected, pairs = data.training()
-    heads = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), None, backbone="linear")
+    heads = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), None, features=LINEAR)
     before = dict(heads.info)
     calibrated = calibrate_hyperprior(heads, chosen, rejected, pairs, seeds=range(2))
     assert heads.info == before and "hyperprior_calibration" not in heads.info
@@ -224,17 +227,17 @@ def test_one_builder_fits_the_population_head_and_calibrates_as_its_parts_do():
     chosen, rejected, pairs = data.training()
     decomposition = PreferenceDecomposition(3).fit(chosen, rejected)
     population = fit_population_head(chosen, rejected)
-    by_parts = calibrate_hyperprior(build_head_set(decomposition, population, backbone="linear"), chosen, rejected,
+    by_parts = calibrate_hyperprior(build_head_set(decomposition, population, features=LINEAR), chosen, rejected,
                                     pairs)
-    built = fit_head_set(decomposition, chosen, rejected, pairs, backbone="linear")
-    shared = fit_head_set(decomposition, chosen, rejected, pairs, population_head=population, backbone="linear")
+    built = fit_head_set(decomposition, chosen, rejected, pairs, features=LINEAR)
+    shared = fit_head_set(decomposition, chosen, rejected, pairs, population_head=population, features=LINEAR)
     for heads in (built, shared):
         np.testing.assert_array_equal(heads.weight, by_parts.weight)
         assert heads.head_names[0] == "population" and heads.info == by_parts.info
-    bare = fit_head_set(decomposition, population_head=False, calibrate=False, backbone="linear")
+    bare = fit_head_set(decomposition, population_head=False, calibrate=False, features=LINEAR)
     assert bare.head_names[0] == "+pc0" and bare.hyperprior_center is None
     with pytest.raises(ValueError, match="needs the pairs' features"):
-        fit_head_set(decomposition, backbone="linear")
+        fit_head_set(decomposition, features=LINEAR)
 
 
 def _as_decomposition(components: np.ndarray, like: PreferenceDecomposition) -> PreferenceDecomposition:
@@ -245,7 +248,7 @@ def _as_decomposition(components: np.ndarray, like: PreferenceDecomposition) -> 
 
 
 def write_embedding_folder(path, data: Split) -> None:
-    writer = ShardWriter(path, "linear", data.chosen.shape[1], dataset="linear synthetic")
+    writer = ShardWriter(path, LINEAR, data.chosen.shape[1], dataset="linear synthetic")
     for number, start in enumerate(range(0, len(data.chosen), 256)):
         writer.write(number, f"fp{number}", data.chosen[start:start + 256].astype(np.float32),
                      data.rejected[start:start + 256].astype(np.float32), 0)

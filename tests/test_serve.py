@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from head_sets_for_tests import expected_head_scores, random_head_set
+from head_sets_for_tests import MAX_TOKENS, expected_head_scores, random_head_set
 from rewardprism import store
 from rewardprism.backbone import load_backbone
 from rewardprism.heads import HeadSet
@@ -33,9 +33,8 @@ from safetensors.numpy import load_file, save_file
 
 from serve_apps import local
 
-MAX_TOKENS = 48
 BOOTSTRAP_KEY = secrets.token_hex(32)  # REWARDPRISM_ADMIN_KEY of the test service
-ENV = {"RP_MAX_TOKENS": str(MAX_TOKENS), "RP_HEAD_SET_POLL_S": "0.5", "RP_DB_TIMEOUT_S": "2",  # settings.py
+ENV = {"RP_HEAD_SET_POLL_S": "0.5", "RP_DB_TIMEOUT_S": "2",  # settings.py
        "REWARDPRISM_ADMIN_KEY": BOOTSTRAP_KEY}
 LIVE = {"max_responses": 16, "max_request_bytes": 65536}  # the Ingress user_config on top of config.yaml's
 FUZZ_EXAMPLES = int(os.environ.get("RP_FUZZ_EXAMPLES", "80"))  # per generation mode, over all operations
@@ -642,6 +641,88 @@ def test_activating_another_head_set_switches_scoring_live(service, tmp_path):
         save_file({**load_file(tensors), "bias": np.ones(4, dtype=np.float32)}, tensors)
         refused = http.post("/admin/head-sets", json={"uri": str(edited)})
         assert refused.status_code == 422 and "content hash mismatch" in refused.json()["detail"][0]["msg"]
+
+
+def long_pairs(n: int) -> list:
+    """Pairs whose texts are many times the feature specs' 16 tokens, differing at both ends."""
+    from rewardprism.data import PreferencePair
+
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew tea".split()
+    rng = np.random.default_rng(7)
+    text = lambda: " ".join(rng.choice(words, 120))  # noqa: E731
+    return [PreferencePair(f"question {i}", text(), text(), group="g") for i in range(n)]
+
+
+def serve_scores(service, heads: HeadSet, folder: Path, pairs) -> tuple[np.ndarray, np.ndarray]:
+    """Activate `heads` (saved in `folder`), score each pair's chosen and rejected text with the default profile
+    over HTTP, then go back to version 1; (n,) chosen and (n,) rejected scores."""
+    with service.client(service.keys.admin) as http:
+        registered = http.post("/admin/head-sets", json={"uri": str(heads.save(folder)), "activate": True})
+        assert registered.status_code == 201, registered.text
+        label = f"default@{heads.version}"
+        try:
+            with service.client(service.keys.client) as client:
+                assert wait_for(lambda: all(client.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
+                                            ["head_set"] == label for _ in range(8)))
+                bodies = [client.post("/v1/score", json={"prompt": p.prompt, "responses": [p.chosen, p.rejected]})
+                          for p in pairs]
+        finally:
+            assert http.post("/admin/head-sets/default/1/activate").status_code == 200
+            with service.client(service.keys.client) as client:
+                assert wait_for(lambda: all(client.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
+                                            ["head_set"] == "default@1" for _ in range(8)))
+    assert all(b.status_code == 200 for b in bodies), bodies[0].text
+    scores = [b.json()["scores"] for b in bodies]
+    assert all(s["truncated"] for row in scores for s in row)
+    return np.array([row[0]["score"] for row in scores]), np.array([row[1]["score"] for row in scores])
+
+
+def test_served_scores_are_the_scores_of_the_features_a_drm_head_set_was_fitted_on(service, tmp_path):
+    """A DRM head set fitted on 16-token embeddings: the service cuts long texts as `embed` did (not at any
+    length of its own), so its scores equal the offline ones from the embedding folder (1e-5)."""
+    from rewardprism.calibrate import fit_head_set
+    from rewardprism.drm import PreferenceDecomposition
+    from rewardprism.embed import EmbeddingSet, embed_pairs
+
+    pairs = long_pairs(12)
+    embed_pairs(pairs, load_backbone("tiny-bert", device="cpu", max_length=16), tmp_path / "emb", progress=False)
+    embedded = EmbeddingSet(tmp_path / "emb")
+    chosen, rejected = embedded.load()
+    heads = fit_head_set(PreferenceDecomposition(3).fit(chosen, rejected), chosen, rejected, calibrate=False,
+                         features=embedded.features, name="default", version="drm-16")
+    served_chosen, served_rejected = serve_scores(service, heads, tmp_path / "heads", pairs)
+    offline_chosen, offline_rejected = (heads.scores(f) @ heads.default_weights for f in (chosen, rejected))
+    np.testing.assert_allclose(served_chosen, offline_chosen, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(served_rejected, offline_rejected, rtol=1e-5, atol=1e-5)
+    # the check can fail: the service's former cut (its own 48 tokens) gives other scores
+    other = load_backbone("tiny-bert", device="cpu", max_length=MAX_TOKENS)
+    assert np.abs(expected_head_scores(other, heads, pairs[0].prompt, [pairs[0].chosen])[0] @ heads.default_weights
+                  - offline_chosen[0]) > 1e-3
+
+
+def test_served_scores_are_the_scores_of_a_vrm_head_set_s_own_model(service, tmp_path):
+    """A VRM exported with max_length 16 keeps the end of a long text: served scores equal the model's own
+    objective scores at the population profile, computed offline from its folder (1e-5)."""
+    import torch
+    from rewardprism.data import render
+    from rewardprism.embed import EmbeddingExtractor
+    from rewardprism.vrm import RewardModel, RewardModelConfig
+
+    torch.manual_seed(0)
+    config = RewardModelConfig(kind="vrm", backbone="tiny-bert", max_length=16, num_objectives=3, latent_dim=4)
+    folder = RewardModel(config, load_backbone("tiny-bert", device="cpu", max_length=16)).save_pretrained(
+        tmp_path / "model")
+    heads = RewardModel.from_pretrained(folder, device="cpu").to_head_set(str(folder), version="vrm-16")
+    assert heads.feature_spec().truncation_side == "left" and heads.feature_spec().max_length == 16
+    pairs = long_pairs(8)
+    served_chosen, served_rejected = serve_scores(service, heads, tmp_path / "heads", pairs)
+    model = RewardModel.from_pretrained(folder, device="cpu")
+    extractor, tok = EmbeddingExtractor(model.backbone), model.backbone.tokenizer
+    for served, side in ((served_chosen, "chosen"), (served_rejected, "rejected")):
+        features, _ = extractor.embed_texts([render(p.prompt, getattr(p, side), tok) for p in pairs])
+        with torch.no_grad():
+            offline = model.objective_scores(torch.from_numpy(features)).numpy() @ heads.default_weights
+        np.testing.assert_allclose(served, offline, rtol=1e-5, atol=1e-5)
 
 
 def test_health_and_prometheus_metrics(service, ray_cluster):

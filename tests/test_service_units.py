@@ -6,10 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
-from head_sets_for_tests import expected_head_scores, random_head_set
+from head_sets_for_tests import MAX_TOKENS, expected_head_scores, random_head_set
 from rewardprism.backbone import load_backbone
-
-MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="module")

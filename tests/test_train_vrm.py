@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from head_sets_for_tests import made_up_features
 from rewardprism.backbone import load_backbone
 from rewardprism.config import ConfigError, load_config, output_path
 from rewardprism.data import DataError, PreferencePair, render, save_pairs
@@ -24,6 +25,8 @@ from rewardprism.recipes.vrm import VrmConfig, VrmRecipe, replacing
 from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, SyntheticGenerator
 from rewardprism.train_data import PairCollator, check_supervision, prepare_data
 from rewardprism.vrm import RewardModel
+
+TINY_FEATURES = made_up_features("tiny-bert")  # the spec of the features these tests make up
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "vrm_tiny.yaml"
@@ -197,7 +200,8 @@ def test_drm_targets_are_oriented_standardized_head_scores(tmp_path):
     """Supervision without ratings: top-K DRM heads of a head set folder, on the training responses."""
     pairs = SyntheticGenerator(1).dataset(10)
     chosen, rejected = vrm_view(pairs)
-    folder = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), backbone="tiny-bert").save(tmp_path / "d")
+    heads = build_head_set(PreferenceDecomposition(3).fit(chosen, rejected), features=TINY_FEATURES)
+    folder = heads.save(tmp_path / "d")
     config = tiny(["data.supervision=drm", f"data.drm_heads={folder}", "model.num_objectives=2",
                                 "model.objective_names=[]", "data.synthetic_per_user=10", "data.seed=1"])
     data = prepare_data(config.data, config.model)
@@ -215,7 +219,7 @@ def test_drm_fitted_on_the_training_split_only():
                                 "model.objective_names=[]", "data.synthetic_per_user=10"])
     data = prepare_data(config.data, config.model)
     chosen, rejected = vrm_view(data.train)
-    heads = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), backbone="tiny-bert")  # +pc0, +pc1 first
+    heads = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), features=TINY_FEATURES)  # +pc0, +pc1 first
     np.testing.assert_allclose(data.train_targets, oriented_standardized(heads, chosen, rejected, 2), atol=1e-4)
     with pytest.raises(ConfigError, match="^data.drm_heads: supervision: drm needs either"):
         tiny(["data.supervision=drm"])

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import typer
 import yaml
+from head_sets_for_tests import made_up_features
 from rewardprism.backbone import load_backbone
 from rewardprism.cli import app
 from rewardprism.config import ConfigError, from_dict, load_config
@@ -35,6 +36,8 @@ TUNE = ROOT / "tune"
 sys.path.insert(0, str(TUNE))  # the scripts' functions, for the checks that need no cluster
 import sweep_drm
 import sweep_vrm
+
+TINY_FEATURES = made_up_features("tiny-bert")  # the spec of the features these tests make up
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -206,7 +209,7 @@ def test_drm_sweep_resumes_and_its_accuracies_hold(tmp_path, ray_cluster, embedd
         k = row["config/heads"]
         adapted = np.load(Path(row["checkpoint"]) / sweep_drm.ADAPTED)
         assert adapted["weights"].shape == (3, 4, 2 * k) and adapted["picks"].shape == (3, 4, 5)
-        heads = build_head_set(PreferenceDecomposition(k).fit(chosen[train], rejected[train]), backbone="tiny-bert")
+        heads = build_head_set(PreferenceDecomposition(k).fit(chosen[train], rejected[train]), features=TINY_FEATURES)
         scores_c, scores_r = heads.scores(chosen[test]), heads.scores(rejected[test])  # (T, 2k)
         honest, reference = np.zeros((3, 4)), np.zeros((3, 4))  # (seeds, groups)
         for g, group in enumerate(adapted["groups"]):

@@ -229,7 +229,7 @@ def test_head_set_scores_equal_model_scores(tmp_path, kind):
     np.testing.assert_allclose(heads.default_weights, model.default_weights.numpy())
     heads = HeadSet.load(heads.save(tmp_path / "heads"))
     # The exported folder's backbone, loaded as serving loads it, gives the same features and scores.
-    served = load_backbone(heads.backbone, device="cpu")
+    served = heads.feature_spec().load_backbone(device="cpu")
     texts = ["Any tips for brewing coffee at home?\n\nCertainly. Start with good timing.", "short"]
     features = served.encode(texts)
     with torch.no_grad():

@@ -108,7 +108,8 @@ def load_data(sweep: DrmSweep) -> SweepData:
     and build each k's head set with its calibrated hyperprior once (it does not depend on n or the method)."""
     try:
         embeddings = EmbeddingSet(sweep.embeddings)
-    except FileNotFoundError as exc:
+        features = embeddings.features
+    except (FileNotFoundError, ValueError) as exc:
         raise ConfigError("embeddings", str(exc)) from None
     chosen, rejected = embeddings.load()
     split = Split.of(chosen, rejected, embeddings.pairs(), sweep.test_fraction, sweep.split_seed)
@@ -125,7 +126,7 @@ def load_data(sweep: DrmSweep) -> SweepData:
     # one population head for every k: fitted on the same pairs whatever k is
     population = fit_population_head(train_chosen, train_rejected) if sweep.population_head else False
     head_sets = {k: fit_head_set(first_components(decomposition, k), train_chosen, train_rejected, train_pairs,
-                                 population_head=population, backbone=embeddings.backbone,
+                                 population_head=population, features=features,
                                  dataset=embeddings.index.get("dataset", sweep.embeddings))
                  for k in sweep.heads}
     return SweepData(split, head_sets)

@@ -17,15 +17,17 @@ import numpy as np
 from rewardprism.adapt import mix_ladder, strength_ladder
 from rewardprism.data import PreferencePair, groups_of, split_by_prompt
 from rewardprism.drm import PreferenceDecomposition, build_head_set, fit_population_head
+from rewardprism.features import FeatureSpec
 from rewardprism.heads import HeadSet
 from rewardprism.protocol import ScoredPairs, fixed_profile, sample_adaptation, score_profiles
 
 
 def fit_head_set(decomposition: PreferenceDecomposition, chosen: np.ndarray | None = None,
                  rejected: np.ndarray | None = None, pairs: Sequence[PreferencePair] | None = None, *,
-                 population_head: bool | np.ndarray = True, calibrate: bool = True, backbone: str,
+                 population_head: bool | np.ndarray = True, calibrate: bool = True, features: FeatureSpec,
                  dataset: str = "", name: str = "drm", version: str = "1") -> HeadSet:
-    """The head set of a fitted decomposition of the (N, d) `chosen` / `rejected` features of `pairs`.
+    """The head set of a fitted decomposition of the (N, d) `chosen` / `rejected` features of `pairs`, made as
+    `features` says (an embedding folder's `EmbeddingSet.features`).
 
     `population_head`: True fits the Bradley-Terry population head on the same pairs (head 0 and the default
     profile), False leaves it out (the mean profile is the default), or a (d,) head fitted already (a sweep
@@ -37,7 +39,7 @@ def fit_head_set(decomposition: PreferenceDecomposition, chosen: np.ndarray | No
         raise ValueError("fitting a population head needs the pairs' features, and calibrating also the pairs")
     if isinstance(population_head, bool):
         population_head = fit_population_head(chosen, rejected) if fits_head else None
-    head_set = build_head_set(decomposition, population_head, backbone=backbone, dataset=dataset, name=name,
+    head_set = build_head_set(decomposition, population_head, features=features, dataset=dataset, name=name,
                               version=version)
     return calibrate_hyperprior(head_set, chosen, rejected, pairs) if calibrate else head_set
 
@@ -74,7 +76,7 @@ def calibrate_hyperprior(head_set: HeadSet, chosen: np.ndarray, rejected: np.nda
         decomposition = PreferenceDecomposition(head_set.info["n_components"]).fit(chosen[fit], rejected[fit])
         refit = fit_head_set(decomposition, chosen[fit], rejected[fit],
                              population_head=bool(head_set.info["population_head"]), calibrate=False,
-                             backbone=head_set.backbone)
+                             features=head_set.feature_spec())
         users = ScoredPairs.of(refit, chosen[held_out], rejected[held_out], groups_all[held_out])
         population.append(fixed_profile(users, refit.default_weights, "").summary()["overall"][0])
         for n in n_values:

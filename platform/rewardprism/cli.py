@@ -57,6 +57,7 @@ def embed(
     """Embed every pair's chosen and rejected response with a backbone, streaming shards to disk."""
     from rewardprism.backbone import load_backbone
     from rewardprism.embed import EmbeddingSet, embed_pairs
+    from rewardprism.features import FeatureSpec
     from rewardprism.sources import open_dataset
 
     try:
@@ -68,9 +69,9 @@ def embed(
             from rewardprism.embed_ray import embed_pairs_ray
 
             ray_lib.init(ignore_reinit_error=True)
-            dim = load_backbone(backbone, max_length=max_length, device="cpu").dim
-            report = embed_pairs_ray(pairs, backbone, out, dim=dim, num_actors=num_actors, shard_size=shard_size,
-                                     max_length=max_length, token_budget=token_budget, max_batch=max_batch,
+            probe = load_backbone(backbone, max_length=max_length, device="cpu")
+            report = embed_pairs_ray(pairs, FeatureSpec.of(probe), out, dim=probe.dim, num_actors=num_actors,
+                                     shard_size=shard_size, token_budget=token_budget, max_batch=max_batch,
                                      dataset=dataset)
         else:
             model = load_backbone(backbone, max_length=max_length, device=device)

@@ -62,7 +62,7 @@ def decompose(
             everything = data.pairs()
             pairs = [everything[i] for i in rows]
         head_set = fit_head_set(decomposition, chosen, rejected, pairs, population_head=population_head,
-                                calibrate=calibrate, backbone=data.backbone, name=name, version=version,
+                                calibrate=calibrate, features=data.features, name=name, version=version,
                                 dataset=f"{data.index.get('dataset') or embeddings} [{split}]")
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
@@ -90,7 +90,7 @@ def adapt(
         fail(f"--method: unknown method {method!r}; use one of {', '.join(METHODS)}")
     head_set = _head_set(heads)
     data = _embeddings(embeddings, "--embeddings")
-    _check_backbone(head_set, data)
+    _check_features(head_set, data)
     chosen, rejected = data.load()
     keep = np.ones(len(chosen), dtype=bool)
     if group is not None:
@@ -143,7 +143,7 @@ def evaluate(
     for option, path in (("--embeddings", embeddings), ("--adapt-from", adapt_from)):
         if path is not None:
             data = _embeddings(path, option)
-            _check_backbone(head_set, data, option)
+            _check_features(head_set, data, option)
             try:
                 splits.append(Split.of(*data.load(), data.pairs(), test_fraction, split_seed))
             except ValueError as exc:
@@ -187,11 +187,14 @@ def _head_set(path: Path):
         fail(f"--heads: {exc}")
 
 
-def _check_backbone(head_set, data, option: str = "--embeddings") -> None:
+def _check_features(head_set, data, option: str = "--embeddings") -> None:
+    """The features in `data` must be made as the head set's were (`rewardprism.features`)."""
+    from rewardprism.features import require_same
 
-    if head_set.backbone != data.backbone or head_set.dim != data.dim:
-        fail(f"{option}: embeddings are from {data.backbone} ({data.dim}-d), the head set reads "
-             f"{head_set.backbone} ({head_set.dim}-d)")
+    try:
+        require_same(head_set.feature_spec(), data.features, f"the embedding folder {data.path}")
+    except ValueError as exc:
+        fail(f"{option}: {exc}")
 
 
 def _split_rows(data, split: str, test_fraction: float, seed: int) -> np.ndarray | None:

@@ -70,17 +70,18 @@ def fit_demo_head_set(workdir: Path, backbone: str, generator: SyntheticGenerato
     from rewardprism.drm import PreferenceDecomposition
     from rewardprism.embed import EmbeddingSet
     from rewardprism.embed_ray import embed_pairs_ray
+    from rewardprism.features import FeatureSpec
 
     pairs = generator.dataset(N_POPULATION)
-    dim = load_backbone(backbone, device="cpu").dim
-    report = embed_pairs_ray(pairs, backbone, workdir / "embeddings", dim=dim, num_actors=2, shard_size=200,
-                             dataset="synthetic", progress=False)
+    probe = load_backbone(backbone, device="cpu")
+    report = embed_pairs_ray(pairs, FeatureSpec.of(probe), workdir / "embeddings", dim=probe.dim, num_actors=2,
+                             shard_size=200, dataset="synthetic", progress=False)
     print(f"[2] embedded {report.n_pairs} pairs ({report.shards_written} shards on Ray, "
           f"{report.shards_reused} reused) with {backbone}")
     embeddings = EmbeddingSet(workdir / "embeddings")
     decomposition = PreferenceDecomposition(n_components=K).fit_shards(embeddings.shards())
     chosen, rejected = embeddings.load()
-    head_set = fit_head_set(decomposition, chosen, rejected, embeddings.pairs(), backbone=backbone,
+    head_set = fit_head_set(decomposition, chosen, rejected, embeddings.pairs(), features=embeddings.features,
                             dataset="synthetic", name="demo", version="1")
     path = head_set.save(workdir / "heads")
     top = ", ".join(f"{r:.2f}" for r in decomposition.explained_variance_ratio_[:4])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rewardprism.features import FeatureSpec
 from rewardprism.heads import HeadSet
 
 
@@ -206,7 +207,7 @@ def mean_profile(decomposition: PreferenceDecomposition) -> np.ndarray:
 
 
 def build_head_set(decomposition: PreferenceDecomposition, population_head: np.ndarray | None = None, *,
-                   backbone: str, dataset: str = "", name: str = "drm", version: str = "1") -> HeadSet:
+                   features: FeatureSpec, dataset: str = "", name: str = "drm", version: str = "1") -> HeadSet:
     """The DRM head set: [population], +PC₀…+PC_{k−1}, −PC₀…−PC_{k−1}; unit-norm rows, no biases.
 
     `default_weights` (the profile of a user with no feedback, and the prior of adaptation): with a population
@@ -234,5 +235,5 @@ def build_head_set(decomposition: PreferenceDecomposition, population_head: np.n
             "population_head": population_head is not None,
             "explained_variance": decomposition.explained_variance_.tolist(),
             "explained_variance_ratio": decomposition.explained_variance_ratio_.tolist()}
-    return HeadSet(np.concatenate(weight), np.zeros(len(default)), names, "drm", backbone, default, name=name,
-                   version=version, dataset=dataset, info=info)
+    return HeadSet(np.concatenate(weight), np.zeros(len(default)), names, "drm", features.backbone, default,
+                   name=name, version=version, dataset=dataset, info=info, features=features)

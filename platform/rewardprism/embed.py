@@ -6,7 +6,8 @@ pairs are read and written one shard at a time. A shard is skipped on a rerun wh
 unchanged, so an interrupted run resumes where it stopped.
 
 Layout of an embedding folder:
-    index.json               backbone, dim, shards [{file, start, stop, fingerprint, tokens}], n_pairs
+    index.json               backbone, features (the feature spec, `rewardprism.features`), dim,
+                             shards [{file, start, stop, fingerprint, tokens}], n_pairs
     shard-00000.safetensors  "chosen" (n, d) and "rejected" (n, d), float32
     pairs.jsonl.gz           the pairs themselves (groups, annotators and prompts for evaluation)
 """
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from rewardprism.backbone import Backbone
 from rewardprism.data import PreferencePair, load_pairs, render
+from rewardprism.features import FeatureMismatch, FeatureSpec
 
 INDEX = "index.json"
 PAIRS = "pairs.jsonl.gz"
@@ -112,13 +114,17 @@ def shard_fingerprint(backbone_name: str, max_length: int, pairs: list[Preferenc
 class ShardWriter:
     """Writes shards and the index atomically, so a crash never leaves a half-written shard listed."""
 
-    def __init__(self, out_dir: str | Path, backbone_name: str, dim: int, dataset: str = ""):
+    def __init__(self, out_dir: str | Path, features: FeatureSpec, dim: int, dataset: str = ""):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         previous = json.loads((self.out / INDEX).read_text()) if (self.out / INDEX).exists() else {}
-        same = previous.get("backbone") == backbone_name and previous.get("dim") == dim
+        # A folder written before specs were recorded has none: its shards' fingerprints still tell.
+        same = previous.get("backbone") == features.backbone and previous.get("dim") == dim \
+            and previous.get("features", features.to_dict()) == features.to_dict()
         self.done = {s["fingerprint"]: s for s in previous.get("shards", [])} if same else {}
-        self.index = {"backbone": backbone_name, "dim": dim, "dataset": dataset, "shards": [], "n_pairs": 0}
+        self.features = features
+        self.index = {"backbone": features.backbone, "features": features.to_dict(), "dim": dim, "dataset": dataset,
+                      "shards": [], "n_pairs": 0}
 
     def has(self, number: int, fingerprint: str) -> bool:
         old = self.done.get(fingerprint)
@@ -183,20 +189,21 @@ def embed_pairs(pairs: Iterable[PreferencePair], backbone: Backbone, out_dir: st
                 progress: bool = True) -> EmbedReport:
     """Embed a stream of pairs into `out_dir` shard by shard; reruns skip shards already written."""
     extractor = EmbeddingExtractor(backbone, token_budget, max_batch)
-    return write_embeddings(chunked(pairs, shard_size), ShardWriter(out_dir, backbone.name, backbone.dim, dataset),
-                            backbone.max_length, lambda todo: map(extractor.embed_pairs, todo), progress)
+    writer = ShardWriter(out_dir, FeatureSpec.of(backbone), backbone.dim, dataset)
+    return write_embeddings(chunked(pairs, shard_size), writer, lambda todo: map(extractor.embed_pairs, todo),
+                            progress)
 
 
-def write_embeddings(chunks: Iterable[list[PreferencePair]], writer: ShardWriter, max_length: int,
-                     embed_chunks: EmbedChunks, progress: bool = True) -> EmbedReport:
+def write_embeddings(chunks: Iterable[list[PreferencePair]], writer: ShardWriter, embed_chunks: EmbedChunks,
+                     progress: bool = True) -> EmbedReport:
     """The loop the local and the Ray paths share: fingerprint each shard, reuse it or embed it, write.
 
     `embed_chunks` maps the stream of shards that need work to their features, in order; a lazy map keeps
     one shard in memory (`tee` buffers only the shards between the two cursors).
     """
     start, tokens, written, reused = time.perf_counter(), 0, 0, 0
-    name = writer.index["backbone"]
-    plan = ((number, chunk, shard_fingerprint(name, max_length, chunk))
+    spec = writer.features
+    plan = ((number, chunk, shard_fingerprint(spec.backbone, spec.max_length, chunk))
             for number, chunk in enumerate(chunks))
     plan = ((number, chunk, fp, writer.has(number, fp)) for number, chunk, fp in plan)
     ahead, behind = itertools.tee(plan)
@@ -251,6 +258,16 @@ class EmbeddingSet:
     @property
     def dim(self) -> int:
         return int(self.index["dim"])
+
+    @property
+    def features(self) -> FeatureSpec:
+        """How the features were made; a folder written before specs were recorded is refused (`ValueError`)."""
+        recorded = self.index.get("features")
+        if recorded is None:
+            raise FeatureMismatch(f"{self.path} records no feature spec (written before specs existed): run "
+                                  "`rewardprism embed` into it again with the options it was made with (its shards "
+                                  "are reused)")
+        return FeatureSpec.from_dict(recorded)
 
     def __len__(self) -> int:
         return int(self.index["n_pairs"])

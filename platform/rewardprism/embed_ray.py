@@ -11,18 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from rewardprism.backbone import load_backbone
 from rewardprism.data import PreferencePair
 from rewardprism.embed import EmbeddingExtractor, EmbedReport, ShardWriter, chunked, write_embeddings
+from rewardprism.features import FeatureSpec
 
 
 class ShardEmbedder:
     """Ray Data actor: one backbone per actor, one shard per row."""
 
-    def __init__(self, backbone: str, max_length: int, token_budget: int | None, max_batch: int,
-                 device: str | None):
-        self.extractor = EmbeddingExtractor(load_backbone(backbone, max_length=max_length, device=device),
-                                            token_budget, max_batch)
+    def __init__(self, features: FeatureSpec, token_budget: int | None, max_batch: int, device: str | None):
+        self.extractor = EmbeddingExtractor(features.load_backbone(device=device), token_budget, max_batch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chosen, rejected, tokens = [], [], []
@@ -40,11 +38,12 @@ def _objects(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def embed_pairs_ray(pairs: Iterable[PreferencePair], backbone: str, out_dir: str | Path, *, dim: int,
+def embed_pairs_ray(pairs: Iterable[PreferencePair], features: FeatureSpec, out_dir: str | Path, *, dim: int,
                     num_actors: int = 2, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
-                    shard_size: int = 1024, max_length: int = 512, token_budget: int | None = None,
-                    max_batch: int = 64, dataset: str = "", progress: bool = True) -> EmbedReport:
-    """Embed on the current Ray cluster (`ray.init()` first, or it starts a local one)."""
+                    shard_size: int = 1024, token_budget: int | None = None, max_batch: int = 64,
+                    dataset: str = "", progress: bool = True) -> EmbedReport:
+    """Embed on the current Ray cluster (`ray.init()` first, or it starts a local one) the features `features`
+    describes (`dim` of them per text, as `FeatureSpec.of` a backbone loaded on the driver tells)."""
     import ray
 
     def embed_chunks(todo: Iterator[list[PreferencePair]]) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -57,11 +56,11 @@ def embed_pairs_ray(pairs: Iterable[PreferencePair], backbone: str, out_dir: str
         out = ds.map_batches(
             ShardEmbedder, batch_size=1, concurrency=min(num_actors, len(shards)),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-            fn_constructor_kwargs=dict(backbone=backbone, max_length=max_length, token_budget=token_budget,
-                                       max_batch=max_batch, device="cuda" if gpus_per_actor else None),
+            fn_constructor_kwargs=dict(features=features, token_budget=token_budget, max_batch=max_batch,
+                                       device="cuda" if gpus_per_actor else None),
         )
         for row in out.iter_rows():
             yield row["chosen"], row["rejected"], int(row["tokens"])
 
-    writer = ShardWriter(out_dir, backbone, dim, dataset)
-    return write_embeddings(chunked(pairs, shard_size), writer, max_length, embed_chunks, progress)
+    writer = ShardWriter(out_dir, features, dim, dataset)
+    return write_embeddings(chunked(pairs, shard_size), writer, embed_chunks, progress)

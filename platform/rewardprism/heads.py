@@ -6,10 +6,12 @@ Serving, storage and adaptation see only this shape, whichever method made the h
 
 Saved as a folder: `heads-<content hash>.safetensors` (weight (H, d), bias (H,), default_weights (H,)) and
 `headset.json` (name, version, kind, backbone, dim, num_heads, head_names, default_weights, content_hash,
-created, dataset, `tensors`: that file's name, and method-specific `info` such as explained variance). Saving
+created, dataset, `tensors`: that file's name, `features`: the feature spec (`rewardprism.features`), and
+method-specific `info` such as explained variance). Saving
 over a head set writes the new tensors beside the old ones and then replaces `headset.json`, the one step that
 switches versions, so an interruption leaves the old head set or the new one, never a mix. The content hash
-covers the tensors and the fields that change scores, so a registry can tell two versions apart.
+covers the tensors and the fields that change scores (the feature spec among them), so a registry can tell two
+versions apart.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Any, Literal
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+
+from rewardprism.features import FeatureMismatch, FeatureSpec, recorded_model_spec
 
 Kind = Literal["drm", "vrm", "bt"]
 META = "headset.json"
@@ -43,6 +47,7 @@ class HeadSet:
     dataset: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    features: FeatureSpec | None = None  # None only in head sets saved before specs were recorded
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float32)
@@ -56,6 +61,8 @@ class HeadSet:
         if not (np.isfinite(self.weight).all() and np.isfinite(self.bias).all()
                 and np.isfinite(self.default_weights).all()):
             raise ValueError("head set holds NaN or inf")
+        if self.features is not None and self.features.backbone != self.backbone:
+            raise ValueError(f"feature spec is over {self.features.backbone!r}, the head set over {self.backbone!r}")
 
     @property
     def num_heads(self) -> int:
@@ -84,13 +91,31 @@ class HeadSet:
         for array in (self.weight, self.bias, self.default_weights):
             h.update(np.ascontiguousarray(array).tobytes())
         h.update(json.dumps([self.kind, self.backbone, self.head_names]).encode())
+        if self.features is not None:  # absent from head sets saved before specs: their hashes stay valid
+            h.update(json.dumps(self.features.to_dict(), sort_keys=True).encode())
         return h.hexdigest()[:16]
+
+    def feature_spec(self) -> FeatureSpec:
+        """How texts must become features for these heads (`rewardprism.features`).
+
+        A head set saved before specs were recorded gets its model folder's recorded values (a VRM or BT export);
+        a DRM one cannot be told and is refused, saying how to re-save it.
+        """
+        spec = self.features
+        if spec is None and self.kind in ("vrm", "bt"):
+            spec = recorded_model_spec(self.backbone)
+        if spec is None:
+            raise FeatureMismatch(f"head set {self.name}@{self.version} records no feature spec (saved before specs "
+                                  "existed): rebuild it with `rewardprism decompose` from its embedding folder, or "
+                                  "export it again from its model folder")
+        return spec
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "kind": self.kind, "backbone": self.backbone,
                 "dim": self.dim, "num_heads": self.num_heads, "head_names": self.head_names,
                 "default_weights": self.default_weights.tolist(), "content_hash": self.content_hash,
-                "created": self.created, "dataset": self.dataset, "info": self.info}
+                "created": self.created, "dataset": self.dataset, "info": self.info,
+                "features": None if self.features is None else self.features.to_dict()}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -117,9 +142,11 @@ class HeadSet:
             if not isinstance(tensors, str) or Path(tensors).name != tensors:
                 raise ValueError(f"{path}: 'tensors' must name a file in the folder, got {tensors!r}")
             tensors = load_file(path / tensors)
+            features = meta.get("features")
             heads = cls(tensors["weight"], tensors["bias"], meta["head_names"], meta["kind"], meta["backbone"],
                         tensors["default_weights"], meta["name"], meta["version"], meta.get("dataset", ""),
-                        meta.get("info", {}), meta["created"])
+                        meta.get("info", {}), meta["created"],
+                        None if features is None else FeatureSpec.from_dict(features))
         except (KeyError, TypeError, AttributeError, SafetensorError) as exc:
             raise ValueError(f"{path} is not a valid head set: {exc!r}") from None
         if heads.content_hash != meta["content_hash"]:

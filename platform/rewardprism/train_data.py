@@ -19,6 +19,7 @@ from rewardprism.config import ConfigError
 from rewardprism.data import DataError, PreferencePair, render, render_prompt, split_by_prompt
 from rewardprism.drm import PreferenceDecomposition, build_head_set
 from rewardprism.embed import EmbeddingExtractor
+from rewardprism.features import FeatureSpec
 from rewardprism.heads import HeadSet
 from rewardprism.sources import open_dataset
 from rewardprism.vrm import RewardModelConfig
@@ -148,7 +149,7 @@ def drm_targets(pairs: list[PreferencePair], train_idx: list[int], data: DataCon
     chosen, rejected, _ = EmbeddingExtractor(backbone).embed_pairs(pairs)  # (N, d) each
     if heads is None:
         decomposition = PreferenceDecomposition(k).fit(chosen[train_idx], rejected[train_idx])
-        heads = build_head_set(decomposition, backbone=data.drm_backbone)
+        heads = build_head_set(decomposition, features=FeatureSpec.of(backbone))
     columns = [heads.head_names.index(n) for n in names]
     scores = np.stack([heads.scores(chosen)[:, columns], heads.scores(rejected)[:, columns]], axis=1)  # (N, 2, K)
     # A component's sign is arbitrary, and Dirichlet weights are non-negative: orient every target so that the

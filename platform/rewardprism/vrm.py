@@ -24,7 +24,7 @@ References:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ from torch import nn
 
 from rewardprism.backbone import Backbone, load_backbone
 from rewardprism.config import ConfigError
+from rewardprism.features import FeatureSpec
 from rewardprism.heads import HeadSet
 
 CONFIG_FILE = "reward_config.json"
@@ -250,7 +251,8 @@ class RewardModel(nn.Module):
         s = A(W_μ h + b_μ) + b, so the head weights are A W_μ (K, d) and the biases A b_μ + b (K,).
         `backbone` is the folder (or spec) whose features the heads read — the exported folder once the
         backbone was fine-tuned. The default weights are the model's population profile: the average
-        posterior E[w] that training sets, or the prior mean before it.
+        posterior E[w] that training sets, or the prior mean before it. The feature spec is the model's own: its
+        `max_length`, keeping the end of a long text.
         """
         score = self.heads["score"]
         a, b = score.weight.detach().double(), score.bias.detach().double()  # (K, D) or (1, d), (K,)
@@ -262,7 +264,8 @@ class RewardModel(nn.Module):
                        self.config.kind, backbone, self.default_weights.float().cpu().numpy(), name=name,
                        version=version, dataset=dataset,
                        info={"source": self.config.backbone, "latent_dim": self.config.latent_dim,
-                             "alpha0": self.config.alpha0, "lam": self.config.lam})
+                             "alpha0": self.config.alpha0, "lam": self.config.lam},
+                       features=replace(FeatureSpec.of(self.backbone), backbone=backbone))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """A Hugging Face-style folder: backbone and tokenizer, `reward_heads.safetensors`, `reward_config.json`.

@@ -108,14 +108,15 @@ class DrmRecipe:
         """Embed the dataset into `self.embeddings`; shards already there for the same pairs are kept."""
         from rewardprism.backbone import load_backbone
         from rewardprism.embed import embed_pairs
+        from rewardprism.features import FeatureSpec
 
         c = self.config
         if c.use_ray:
             from rewardprism.embed_ray import embed_pairs_ray
 
-            dim = load_backbone(c.backbone, max_length=c.max_length, device="cpu").dim
-            report = embed_pairs_ray(self.pairs(), c.backbone, self.embeddings, dim=dim, num_actors=c.num_actors,
-                                     shard_size=c.shard_size, max_length=c.max_length, dataset=c.dataset,
+            probe = load_backbone(c.backbone, max_length=c.max_length, device="cpu")
+            report = embed_pairs_ray(self.pairs(), FeatureSpec.of(probe), self.embeddings, dim=probe.dim,
+                                     num_actors=c.num_actors, shard_size=c.shard_size, dataset=c.dataset,
                                      progress=False)
         else:
             report = embed_pairs(self.pairs(), load_backbone(c.backbone, max_length=c.max_length), self.embeddings,
@@ -130,7 +131,7 @@ class DrmRecipe:
         data = Split.of(*embedded.load(), embedded.pairs(), c.test_fraction, c.split_seed)
         decomposition = decompose_folder(self.embeddings, c.n_components, rows=data.train, use_ray=c.use_ray)
         self.head_set = fit_head_set(decomposition, *data.training(), population_head=c.population_head,
-                                     backbone=embedded.backbone, dataset=f"{c.dataset} [train split]")
+                                     features=embedded.features, dataset=f"{c.dataset} [train split]")
         adapt_from = None
         if c.adapt_from is not None:
             other = EmbeddingSet(c.adapt_from)
