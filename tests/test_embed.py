@@ -88,10 +88,11 @@ def test_interrupted_run_resumes_from_finished_shards(tmp_path, tiny, pairs):
 
 def test_ray_data_path_equals_local(tmp_path, ray_cluster, tiny, pairs):
     from rewardprism.embed_ray import embed_pairs_ray
+    from rewardprism.features import FeatureSpec
 
     local = embed_pairs(pairs, tiny, tmp_path / "local", shard_size=16, progress=False)
-    remote = embed_pairs_ray(pairs, "tiny-bert", tmp_path / "ray", dim=tiny.dim, num_actors=2, shard_size=16,
-                             max_length=64, progress=False)
+    remote = embed_pairs_ray(pairs, FeatureSpec.of(tiny), tmp_path / "ray", dim=tiny.dim, num_actors=2,
+                             shard_size=16, progress=False)
     assert remote.n_pairs == local.n_pairs and remote.shards_written == 3
     for (c1, r1), (c2, r2) in zip(EmbeddingSet(tmp_path / "local").shards(), EmbeddingSet(tmp_path / "ray").shards()):
         np.testing.assert_allclose(c1, c2, atol=1e-5)
