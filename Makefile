@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-full bench lint clean
+.PHONY: install demo test bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,9 +23,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-
-test-full: $(STAMP)
-	RP_FULL=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)  # each writes its section of BENCHMARKS.md; run on a quiet machine
 	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done
