@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from rewardprism.backbone import Backbone
 from rewardprism.data import PreferencePair, load_pairs, render
 
+T = TypeVar("T")
 INDEX = "index.json"
 PAIRS = "pairs.jsonl.gz"
 # Padded tokens per forward batch when none is given. On CPU, batches that stay in cache are fastest: 2,048
@@ -156,8 +158,8 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def chunked(pairs: Iterable[PreferencePair], size: int) -> Iterator[list[PreferencePair]]:
-    it = iter(pairs)
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
 
