@@ -89,6 +89,8 @@ def test_interrupted_run_resumes_from_finished_shards(tmp_path, tiny, pairs):
 def test_ray_data_path_equals_local(tmp_path, ray_cluster, tiny, pairs):
     from rewardprism.embed_ray import embed_pairs_ray
 
+    # chat prompts (the other Ray test has text ones): a list of messages reaches the actors as it left the driver
+    pairs = [dataclasses.replace(p, prompt=[{"role": "user", "content": p.prompt}]) for p in pairs]
     local = embed_pairs(pairs, tiny, tmp_path / "local", shard_size=16, progress=False)
     remote = embed_pairs_ray(pairs, "tiny-bert", tmp_path / "ray", dim=tiny.dim, num_actors=2, shard_size=16,
                              max_length=64, shards_per_actor=1, progress=False)  # two windows: 2 shards, then 1

@@ -194,7 +194,8 @@ def write_embeddings(chunks: Iterable[list[PreferencePair]], writer: ShardWriter
     """The loop the local and the Ray paths share: fingerprint each shard, reuse it or embed it, write.
 
     `embed_chunks` maps the stream of shards that need work to their features, in order; a lazy map keeps
-    one shard in memory (`tee` buffers only the shards between the two cursors).
+    one shard in memory (`tee` buffers only the shards between the two cursors: the Ray path reads one window
+    of shards ahead).
     """
     start, tokens, written, reused = time.perf_counter(), 0, 0, 0
     name = writer.index["backbone"]

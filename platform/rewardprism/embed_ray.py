@@ -8,6 +8,7 @@ however many pairs there are: its memory is flat in the number of pairs, as the 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class ShardEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chosen, rejected, tokens = [], [], []
         for rows in batch["pairs"]:
-            c, r, t = self.extractor.embed_pairs([PreferencePair.from_row(row) for row in rows])
+            c, r, t = self.extractor.embed_pairs([PreferencePair.from_row(row) for row in json.loads(rows)])
             chosen.append(c)
             rejected.append(r)
             tokens.append(t)
@@ -62,7 +63,8 @@ def embed_pairs_ray(pairs: Iterable[PreferencePair], backbone: str, out_dir: str
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # shards come back in the order they are written
         for window in chunked(todo, num_actors * shards_per_actor):
-            ds = ray.data.from_items([{"pairs": [p.to_row() for p in chunk]} for chunk in window],
+            # a shard travels as JSON text: Arrow would turn a chat prompt's list of messages into arrays
+            ds = ray.data.from_items([{"pairs": json.dumps([p.to_row() for p in chunk])} for chunk in window],
                                      override_num_blocks=len(window))
             out = ds.map_batches(
                 ShardEmbedder, batch_size=1, compute=ActorPoolStrategy(size=min(num_actors, len(window))),
