@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-full bench lint clean
+.PHONY: install demo test wheel bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-full: $(STAMP)
-	RP_FULL=1 $(BIN)/python -m pytest -q
+wheel: $(STAMP)  # dist/rewardprism-*.whl with serve_apps and the migrations; from a clean build/ (no stale files)
+	rm -rf build
+	$(BIN)/pip wheel --no-deps --no-build-isolation -w dist .
 
 bench: $(STAMP)  # each writes its section of BENCHMARKS.md; run on a quiet machine
 	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done
@@ -34,4 +35,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check platform tests bench serve_apps tune k8s train_vrm.py train_drm.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info platform/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info platform/*.egg-info

@@ -8,7 +8,8 @@ On HH-RLHF harmless (../shared), each method embeds the same texts (chosen and r
 - fixed order: batches of the same size in dataset order, padded to their longest text;
 - batch size 1: one text per forward (what the DRM reference does).
 Methods alternate within each repeat (ABCD ABCD) so machine noise hits them alike; the best repeat counts.
-Peak memory: `embed_pairs` in fresh processes over N and 4N pairs streamed from the file (RSS high-water mark).
+Peak memory: `embed_pairs` and the Ray path's driver (`embed_pairs_ray`), each in fresh processes over N and 4N pairs
+streamed from the file (RSS high-water mark).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -77,20 +79,34 @@ def measure(spec: str, n_pairs: int, repeats: int, max_length: int) -> dict[str,
             **{f"{k}_tok_s": tokens / v for k, v in best.items()}}
 
 
-def peak_rss_mb(n_pairs: int, max_length: int) -> float:
-    """Embed N pairs streamed from the file in a fresh process; its peak RSS in MB."""
-    code = f"""
-import itertools, resource, sys, tempfile
+def peak_rss_mb(n_pairs: int, max_length: int, on_ray: bool = False) -> float:
+    """Embed N pairs streamed from the file in a fresh process; its peak RSS in MB. On Ray: the driver's, with one
+    actor given one shard per window (the Ray path's least memory; the actor is another process)."""
+    stream = f"itertools.islice(iter_pairs({str(HH)!r}, skip_bad_rows=True), {n_pairs})"
+    if on_ray:
+        run = f"""
+import ray
+from rewardprism.embed_ray import embed_pairs_ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+from rewardprism.features import FeatureSpec
+embed_pairs_ray({stream}, FeatureSpec("minilm", {max_length}, "right", "mean", "joiner"), out, dim=384, num_actors=1,
+                shards_per_actor=1, shard_size=128, progress=False)"""
+    else:
+        run = f"""
 from rewardprism.backbone import load_backbone
-from rewardprism.data import iter_pairs
 from rewardprism.embed import embed_pairs
-b = load_backbone("minilm", device="cpu", max_length={max_length})
+embed_pairs({stream}, load_backbone("minilm", device="cpu", max_length={max_length}), out, shard_size=128,
+            progress=False)"""
+    code = f"""
+import itertools, resource, tempfile
+from rewardprism.data import iter_pairs
 with tempfile.TemporaryDirectory() as out:
-    embed_pairs(itertools.islice(iter_pairs({str(HH)!r}, skip_bad_rows=True), {n_pairs}), b, out, shard_size=128,
-                progress=False)
+{textwrap.indent(run.strip(), "    ")}
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the memory run failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -106,7 +122,9 @@ def main() -> None:
 
     rows = {"minilm": measure("minilm", args.pairs, args.repeats, args.max_length),
             "smollm2": measure("smollm2", args.smollm2_pairs, args.repeats, args.max_length)}
-    small, large = peak_rss_mb(args.memory_pairs, 128), peak_rss_mb(4 * args.memory_pairs, 128)
+    n = args.memory_pairs
+    memory = {path: (peak_rss_mb(n, 128, path == "Ray"), peak_rss_mb(4 * n, 128, path == "Ray"))
+              for path in ("local", "Ray")}
 
     lines = ["| backbone | texts | real tokens | end-to-end tok/s | bare forward, same batches | fixed-order padded "
              "| batch size 1 | e2e / bare | e2e / fixed | e2e / bs1 |", "|---" * 10 + "|"]
@@ -128,9 +146,11 @@ def main() -> None:
         f"≥ 1.5, e2e/bs1 ≥ 1.0.", "", *lines, "",
         "Bare forward tok/s of length-sorted batches by token budget (why the CPU default is 2,048: batches that "
         "stay in cache; on CUDA the default is 65,536):", "", *budgets, "",
-        f"Peak RSS of `embed_pairs` streaming from the file (MiniLM, max_length 128, shards of 128 pairs): "
-        f"{args.memory_pairs} pairs → {small:,.0f} MB, {4 * args.memory_pairs} pairs → {large:,.0f} MB "
-        f"(ratio {large / small:.2f}; flat means streaming).",
+        "Peak RSS streaming from the file (MiniLM, max_length 128, shards of 128 pairs; Ray: the driver's, one "
+        "actor, one shard per window); flat (ratio ≈ 1) means streaming:", "",
+        f"| path | {n} pairs | {4 * n} pairs | ratio |", "|---|---|---|---|",
+        *(f"| {path} | {small:,.0f} MB | {large:,.0f} MB | {large / small:.2f} |"
+          for path, (small, large) in memory.items()),
         "", "GPU (batch size 1 vs sorted batches, target ≥ 5×): not measured — no device session was available.",
     ])
     print(body)

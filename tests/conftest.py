@@ -9,7 +9,6 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = Path(os.environ.get("RP_SHARED_DATA", SHARED / "data"))
-FULL = os.environ.get("RP_FULL") == "1"  # `make test-full`: slow real-model tests at full size
 
 
 @pytest.fixture(scope="session")

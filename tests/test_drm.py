@@ -1,6 +1,8 @@
 """The decomposition against a direct NumPy statement: the SVD of the centred difference matrix."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from head_sets_for_tests import made_up_features
@@ -158,6 +160,18 @@ def test_head_set_layout_defaults_and_round_trip(tmp_path):
     heads.save(tmp_path / "h")
     loaded = HeadSet.load(tmp_path / "h")
     assert loaded.content_hash == heads.content_hash and loaded.info["n_components"] == 3
+
+
+def test_loading_a_head_set_without_its_content_hash_is_a_clear_error(tmp_path):
+    """A headset.json missing `content_hash` is bad input (ValueError naming the folder), not a KeyError."""
+    chosen, rejected, _ = structured_pairs()
+    heads = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), None, backbone="test")
+    folder = heads.save(tmp_path / "h")
+    meta = json.loads((folder / "headset.json").read_text())
+    del meta["content_hash"]
+    (folder / "headset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not a valid head set.*content_hash"):
+        HeadSet.load(folder)
 
 
 def test_saving_over_a_head_set_switches_versions_in_one_step(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from rewardprism.backbone import load_backbone
 from rewardprism.cli import app
 from rewardprism.data import render
 from rewardprism.embed import EmbeddingSet, embed_pairs, token_budget_batches
+from rewardprism.features import FeatureSpec
 from rewardprism.synthetic import SyntheticGenerator
 from typer.testing import CliRunner
 
@@ -88,17 +89,47 @@ def test_interrupted_run_resumes_from_finished_shards(tmp_path, tiny, pairs):
 
 def test_ray_data_path_equals_local(tmp_path, ray_cluster, tiny, pairs):
     from rewardprism.embed_ray import embed_pairs_ray
-    from rewardprism.features import FeatureSpec
 
+    # chat prompts (the other Ray test has text ones): a list of messages reaches the actors as it left the driver
+    pairs = [dataclasses.replace(p, prompt=[{"role": "user", "content": p.prompt}]) for p in pairs]
     local = embed_pairs(pairs, tiny, tmp_path / "local", shard_size=16, progress=False)
     remote = embed_pairs_ray(pairs, FeatureSpec.of(tiny), tmp_path / "ray", dim=tiny.dim, num_actors=2,
-                             shard_size=16, progress=False)
+                             shard_size=16, shards_per_actor=1, progress=False)  # two windows: 2 shards, then 1
     assert remote.n_pairs == local.n_pairs and remote.shards_written == 3
+    index = [json.loads((tmp_path / run / "index.json").read_text()) for run in ("local", "ray")]
+    assert index[0] == index[1]
+    assert EmbeddingSet(tmp_path / "ray").pairs() == EmbeddingSet(tmp_path / "local").pairs()
     for (c1, r1), (c2, r2) in zip(EmbeddingSet(tmp_path / "local").shards(), EmbeddingSet(tmp_path / "ray").shards()):
         np.testing.assert_allclose(c1, c2, atol=1e-5)
         np.testing.assert_allclose(r1, r2, atol=1e-5)
     # the local path resumes what the Ray path wrote
     assert embed_pairs(pairs, tiny, tmp_path / "ray", shard_size=16, progress=False).shards_reused == 3
+
+
+def test_ray_driver_reads_one_window_of_pairs_ahead_of_what_it_writes(tmp_path, ray_cluster, tiny, pairs,
+                                                                      monkeypatch):
+    """The driver draws pairs from the stream a window ahead of the shards it has written, never the whole stream
+    (before, it read every pair into its memory, twice, before writing the first shard)."""
+    from rewardprism.embed import ShardWriter
+    from rewardprism.embed_ray import embed_pairs_ray
+
+    drawn, ahead = [0], []
+
+    def stream():
+        for pair in pairs:
+            drawn[0] += 1
+            yield pair
+
+    write = ShardWriter.write
+
+    def counting_write(self, number, *args):
+        ahead.append(drawn[0] - 8 * number)  # pairs drawn beyond the shards before this one
+        return write(self, number, *args)
+
+    monkeypatch.setattr(ShardWriter, "write", counting_write)
+    embed_pairs_ray(stream(), FeatureSpec.of(tiny), tmp_path, dim=tiny.dim, num_actors=1, shards_per_actor=1,
+                    shard_size=8, progress=False)
+    assert len(ahead) == 5 and max(ahead) <= 8, ahead  # a window is one shard of 8 pairs
 
 
 def test_cli_embed_reports_and_names_bad_input(tmp_path):

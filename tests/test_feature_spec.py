@@ -82,7 +82,7 @@ def test_embedding_folders_record_the_spec_and_the_cli_refuses_other_features(tm
     del index["features"]
     (tmp_path / "e16" / INDEX).write_text(json.dumps(index))
     with pytest.raises(FeatureMismatch, match="rewardprism embed"):
-        EmbeddingSet(tmp_path / "e16").features
+        assert EmbeddingSet(tmp_path / "e16").features is None  # never reached: refused
     again = embed_pairs(data, load_backbone("tiny-bert", device="cpu", max_length=16), tmp_path / "e16",
                         shard_size=10, progress=False)
     assert again.shards_reused == 3 and EmbeddingSet(tmp_path / "e16").features.max_length == 16

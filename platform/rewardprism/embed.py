@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from rewardprism.backbone import Backbone
 from rewardprism.data import PreferencePair, load_pairs, render
 from rewardprism.features import FeatureMismatch, FeatureSpec
 
+T = TypeVar("T")
 INDEX = "index.json"
 PAIRS = "pairs.jsonl.gz"
 # Padded tokens per forward batch when none is given. On CPU, batches that stay in cache are fastest: 2,048
@@ -162,8 +164,8 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def chunked(pairs: Iterable[PreferencePair], size: int) -> Iterator[list[PreferencePair]]:
-    it = iter(pairs)
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
 
@@ -199,7 +201,8 @@ def write_embeddings(chunks: Iterable[list[PreferencePair]], writer: ShardWriter
     """The loop the local and the Ray paths share: fingerprint each shard, reuse it or embed it, write.
 
     `embed_chunks` maps the stream of shards that need work to their features, in order; a lazy map keeps
-    one shard in memory (`tee` buffers only the shards between the two cursors).
+    one shard in memory (`tee` buffers only the shards between the two cursors: the Ray path reads one window
+    of shards ahead).
     """
     start, tokens, written, reused = time.perf_counter(), 0, 0, 0
     spec = writer.features

@@ -147,17 +147,10 @@ class HeadSet:
                         tensors["default_weights"], meta["name"], meta["version"], meta.get("dataset", ""),
                         meta.get("info", {}), meta["created"],
                         None if features is None else FeatureSpec.from_dict(features))
+            saved_hash = meta["content_hash"]
         except (KeyError, TypeError, AttributeError, SafetensorError) as exc:
             raise ValueError(f"{path} is not a valid head set: {exc!r}") from None
-        if heads.content_hash != meta["content_hash"]:
+        if heads.content_hash != saved_hash:
             raise ValueError(f"{path}: content hash mismatch (files changed after saving)")
         return heads
 
-
-def personalized_scores(head_scores: np.ndarray, weights: np.ndarray, bias: np.ndarray | float = 0.0) -> np.ndarray:
-    """Σ_h w_h s_h + c for each row; `weights` is (H,) for one profile or (N, H) for one profile per row."""
-    head_scores = np.asarray(head_scores)
-    weights = np.asarray(weights)
-    if weights.ndim == 1:
-        return head_scores @ weights + bias
-    return np.einsum("nh,nh->n", head_scores, weights) + bias

@@ -1,7 +1,7 @@
 """Schema migrations from Python (`rewardprism db ...` and the tests): Alembic over migrations/."""
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
@@ -11,8 +11,9 @@ from alembic.script import ScriptDirectory
 from rewardprism.store.config import StoreSettings
 from rewardprism.store.engine import make_engine
 
-# migrations/ sits at the repository root, beside alembic.ini (a source checkout or an editable install).
-MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations"
+# Package data of rewardprism: in a checkout, platform/rewardprism/migrations links to the top-level migrations/
+# (beside alembic.ini); a wheel carries the files themselves.
+MIGRATIONS = files("rewardprism") / "migrations"
 
 
 def alembic_config(database_url: str) -> Config:
