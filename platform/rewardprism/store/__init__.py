@@ -78,7 +78,8 @@ from rewardprism.store.users import (
 __all__ = [
     "DEFAULT_URL", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES",
     "Adapter", "AlreadyExists", "ApiKey", "AuditEntry", "AuthEpoch", "DeletedUser", "Feedback", "FeedbackPair",
-    "HeadSetRow", "IdempotentAnswer", "IdempotentRequest", "InvalidApiKey", "InvalidInput", "Limits", "MissingScope", "NotFound", "Page", "ProfileRow",
+    "HeadSetRow", "IdempotentAnswer", "IdempotentRequest", "InvalidApiKey", "InvalidInput", "Limits", "MissingScope",
+    "NotFound", "Page", "ProfileRow",
     "ProfileConflict", "ProfileUpdate", "StoreError", "StoreSettings", "User", "UserDeleted", "UserDisabled",
     "activate_head_set", "append_feedback_and_update_profile", "auth_epoch", "check_feedback_pair", "commit_with_retry",
     "create_api_key", "create_user", "delete_user", "export_user", "get_head_set", "get_or_create_user", "get_profile",
