@@ -1,7 +1,8 @@
 """Auth hardening: fast key hashes (with the scheme per key), the auth epoch, user tombstones, idempotent answers.
 
 Existing keys keep their scrypt hashes (`hash_scheme` 'scrypt') and keep verifying; the service rehashes each
-on its first successful use. The epoch starts at 0 in its one row.
+on its first successful use. The epoch starts at 0 in its one row. A downgrade keeps the keys but not their
+scheme: keys hashed with sha256 (all made or used since) stop verifying under 0001 and must be made again.
 
 Revision ID: 0002
 Revises: 0001
@@ -66,5 +67,5 @@ def downgrade() -> None:
     for table in ("idempotent_answers", "deleted_users", "auth_epoch"):
         op.drop_table(table)
     with op.batch_alter_table("api_keys") as batch:
-        batch.drop_constraint("ck_api_keys_hash_scheme", type_="check")
+        batch.drop_constraint(op.f("ck_api_keys_hash_scheme"), type_="check")
         batch.drop_column("hash_scheme")

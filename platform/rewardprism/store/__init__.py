@@ -31,6 +31,7 @@ from rewardprism.store.export import export_user, import_user
 from rewardprism.store.head_sets import activate_head_set, get_head_set, list_head_sets, register_head_set
 from rewardprism.store.idempotency import IdempotentRequest
 from rewardprism.store.keys import (
+    HASH_SCHEME,
     create_api_key,
     list_api_keys,
     lock_active_key,
@@ -76,7 +77,7 @@ from rewardprism.store.users import (
 )
 
 __all__ = [
-    "DEFAULT_URL", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES",
+    "DEFAULT_URL", "HASH_SCHEME", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES",
     "Adapter", "AlreadyExists", "ApiKey", "AuditEntry", "AuthEpoch", "DeletedUser", "Feedback", "FeedbackPair",
     "HeadSetRow", "IdempotentAnswer", "IdempotentRequest", "InvalidApiKey", "InvalidInput", "Limits", "MissingScope",
     "NotFound", "Page", "ProfileRow",

@@ -21,6 +21,7 @@ class IdempotentRequest:
     owner: str  # the caller's key prefix
     key: str  # the client's Idempotency-Key
     fingerprint: str  # sha256 of method, path and body
+    status: int  # what the write answers with when it succeeds
     ttl_s: float
 
 
@@ -34,11 +35,11 @@ def replay(session: Session, request: IdempotentRequest) -> IdempotentAnswer | N
     return answer
 
 
-def remember(session: Session, request: IdempotentRequest, status: int, body: Any) -> None:
+def remember(session: Session, request: IdempotentRequest, body: Any) -> None:
     """Store the answer in the caller's transaction (a concurrent twin fails on the primary key: a retry
     of either replays the one that committed)."""
     session.add(IdempotentAnswer(owner=request.owner, key=request.key, fingerprint=request.fingerprint,
-                                 status=status, body=body))
+                                 status=request.status, body=body))
     session.flush()
 
 
