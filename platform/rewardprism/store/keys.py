@@ -77,10 +77,13 @@ def verify_api_key(session: Session, token: str, scope: str | None = None) -> Ap
     """
     parsed = _parse(token)
     prefix, secret = parsed or ("", "")
-    key = session.scalar(sa.select(ApiKey).where(ApiKey.prefix == prefix)) if parsed else None
-    salt, stored, scheme = _UNKNOWN if key is None else (key.salt, key.key_hash, key.hash_scheme)
-    matches = hmac.compare_digest(_hash_secret(secret, salt, scheme), stored)
-    if key is None or not matches or key.revoked_at is not None or (key.user is not None and key.user.disabled):
+    found = session.execute(sa.select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, ApiKey.hash_scheme)
+                            .where(ApiKey.prefix == prefix)).first() if parsed else None
+    salt, stored, scheme = _UNKNOWN if found is None else (found.salt, found.key_hash, found.hash_scheme)
+    if not hmac.compare_digest(_hash_secret(secret, salt, scheme), stored) or found is None:
+        raise InvalidApiKey("invalid or revoked API key")
+    key = session.get_one(ApiKey, found.id)  # only now the whole key: a wrong secret costs no more than above
+    if key.revoked_at is not None or (key.user is not None and key.user.disabled):
         raise InvalidApiKey("invalid or revoked API key")
     if scope is not None and not key.allows(checks.choice(scope, "scope", SCOPES)):
         raise MissingScope(f"this API key lacks the {scope!r} scope (it has {', '.join(key.scopes)})")
