@@ -22,7 +22,7 @@ import uvicorn
 from rewardprism import store
 from rewardprism.scoring import BatchScorer, ScoredJob, ScoreJob
 from rewardprism.store.migrate import upgrade
-from test_serve import MAX_TOKENS, Service, admin_engine, backbone, free_port, pair, service  # noqa: F401 (fixtures)
+from test_serve import MAX_TOKENS, Service, admin_engine, backbone, db, free_port, pair, service  # noqa: F401 (fixtures)
 
 from serve_apps.api import create_api
 from serve_apps.service import HeadSetRef, ScoringService
@@ -85,14 +85,10 @@ def new_user_with_key(service: Service, scopes: list[str]) -> tuple[str, str]:  
     return user, created.json()["token"]
 
 
-def user_exists(service: Service, user: str) -> bool:  # noqa: F811
-    engine = sa.create_engine(service.database)
-    try:
-        with engine.connect() as conn:
-            return conn.scalar(sa.select(sa.func.count()).select_from(store.User)
-                               .where(store.User.external_id == user)) == 1
-    finally:
-        engine.dispose()
+def user_exists(db: sa.Engine, user: str) -> bool:  # noqa: F811
+    with db.connect() as conn:
+        return conn.scalar(sa.select(sa.func.count()).select_from(store.User)
+                           .where(store.User.external_id == user)) == 1
 
 
 SCORE = {"prompt": "p", "responses": ["r"]}
@@ -101,7 +97,7 @@ SCORE = {"prompt": "p", "responses": ["r"]}
 # ---------------------------------------------------------------------------------------------- item 1
 
 
-def test_a_deleted_user_stays_deleted_on_every_replica(service, replica_b):  # noqa: F811
+def test_a_deleted_user_stays_deleted_on_every_replica(service, replica_b, db):  # noqa: F811
     user, token = new_user_with_key(service, ["score", "feedback"])
     with on(replica_b, token) as b:  # B caches the key
         assert b.post("/v1/score", json=SCORE).status_code == 200
@@ -114,7 +110,7 @@ def test_a_deleted_user_stays_deleted_on_every_replica(service, replica_b):  # n
     assert gone.status_code == 410 and "deleted" in gone.json()["detail"], gone.text
     with service.client(service.keys.client) as a:
         assert a.post(f"/v1/users/{user}/feedback", json={"pairs": [pair(2, user)]}).status_code == 410
-    assert not user_exists(service, user)
+    assert not user_exists(db, user)
     with service.client(service.keys.admin) as admin:  # an admin may bring the id back on purpose
         assert admin.post("/admin/users", json={"external_id": user}).status_code == 201
     with on(replica_b, service.keys.client) as b:
@@ -148,20 +144,31 @@ def test_a_key_revoked_by_the_cli_stops_at_once(service, replica_b):  # noqa: F8
         assert b.post("/v1/score", json=SCORE).status_code == 401
 
 
+def test_a_write_rechecks_its_key_in_its_own_transaction(service, replica_b, db):  # noqa: F811
+    """Belt and braces: even with the epoch not (yet) seen to move, a write never commits under a key that is no
+    longer valid — here revoked behind the store's back, so only the in-transaction check can catch it."""
+    user, token = new_user_with_key(service, ["score", "feedback"])
+    with on(replica_b, token) as b:
+        assert b.post("/v1/score", json=SCORE).status_code == 200
+        with db.begin() as conn:
+            conn.execute(sa.update(store.ApiKey).where(store.ApiKey.prefix == token.split("_")[1])
+                         .values(revoked_at=sa.func.now()))
+        assert b.post("/v1/score", json=SCORE).status_code == 200  # reads trust the cache until the epoch moves
+        refused = b.post(f"/v1/users/{user}/feedback", json={"pairs": [pair(0, user)]})
+    assert refused.status_code == 401, refused.text
+    assert count_feedback(db, user) == 0
+
+
 # ---------------------------------------------------------------------------------------------- item 6
 
 
-def count_feedback(service: Service, user: str) -> int:  # noqa: F811
-    engine = sa.create_engine(service.database)
-    try:
-        with engine.connect() as conn:
-            return conn.scalar(sa.select(sa.func.count()).select_from(store.Feedback).join(store.User)
-                               .where(store.User.external_id == user))
-    finally:
-        engine.dispose()
+def count_feedback(db: sa.Engine, user: str) -> int:  # noqa: F811
+    with db.connect() as conn:
+        return conn.scalar(sa.select(sa.func.count()).select_from(store.Feedback).join(store.User)
+                           .where(store.User.external_id == user))
 
 
-def test_a_retried_feedback_is_stored_once_whichever_replica_gets_the_retry(service, replica_b):  # noqa: F811
+def test_a_retried_feedback_is_stored_once_whichever_replica_gets_the_retry(service, replica_b, db):  # noqa: F811
     user, body = f"idem-{uuid.uuid4().hex[:8]}", {"pairs": [pair(0, "idem"), pair(1, "idem")]}
     retry = {"Idempotency-Key": uuid.uuid4().hex}
     with service.client(service.keys.client) as a, on(replica_b, service.keys.client) as b:
@@ -170,11 +177,11 @@ def test_a_retried_feedback_is_stored_once_whichever_replica_gets_the_retry(serv
         again = b.post(f"/v1/users/{user}/feedback", json=body, headers=retry)
         assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true", again.text
         assert again.json() == first.json()
-        assert count_feedback(service, user) == 2
+        assert count_feedback(db, user) == 2
         other = b.post(f"/v1/users/{user}/feedback", json={"pairs": [pair(2, "idem")]}, headers=retry)
         assert other.status_code == 422 and "Idempotency-Key" in str(other.json()["detail"]), other.text
         fresh = b.post(f"/v1/users/{user}/feedback", json=body, headers={"Idempotency-Key": uuid.uuid4().hex})
-        assert fresh.status_code == 200 and count_feedback(service, user) == 4
+        assert fresh.status_code == 200 and count_feedback(db, user) == 4
 
 
 def test_retried_admin_writes_replay_their_first_answer(service, replica_b):  # noqa: F811
