@@ -322,10 +322,10 @@ class ScoringService:
         cached = self.keys.peek(digest)
         if cached is not None and time.monotonic() - cached.when < self.settings.auth_cache_s:
             try:
-                if await self.epochs("") == cached.epoch:
+                if await self.epochs("", self.settings.version_check_timeout_s) == cached.epoch:
                     return cached.caller
-            except Unavailable:
-                return cached.caller  # nothing can be revoked while the database is down
+            except (Unavailable, TimeoutError):  # as for profiles: an unreachable or hung database is not waited
+                return cached.caller  # for (and nothing can be revoked while it cannot commit)
         if digest not in self._verifying:
             task = asyncio.ensure_future(self._verify(token, digest, cached))
             self._verifying[digest] = task
