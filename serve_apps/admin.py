@@ -53,7 +53,8 @@ class AdminOperations:
     async def _audited(self, caller: data.Caller, action: str, target: str, work: Callable[[Session], T],
                        details: dict[str, Any] | None = None) -> T:
         """An admin write and its audit entry, committed together (`work` returns response bodies, built
-        inside the transaction); a user's cached profile is dropped afterwards, whatever happened."""
+        inside the transaction) with the caller's key re-checked and any Idempotency-Key answer
+        (`ScoringService.write`); a user's cached profile is dropped afterwards, whatever happened."""
         authorize_admin(caller)
 
         def audited(session: Session) -> T:
@@ -61,7 +62,7 @@ class AdminOperations:
             store.record_audit(session, f"key:{caller.key}", action, target, details, limits=self.service.limits)
             return result
         try:
-            return await self.service.write(audited)
+            return await self.service.write(audited, caller=caller)
         finally:
             if action.startswith(("user.", "profile.")):
                 self.service.profiles.invalidate(target)  # for memory: versions are checked anyway
@@ -92,13 +93,11 @@ class AdminOperations:
 
     async def set_disabled(self, caller: data.Caller, user: str, disabled: bool) -> schemas.UserOut:
         served = self.service.served
-        self.service.keys.clear()  # keys bound to a disabled user stop working now, not after auth_cache_s
         action = "user.disable" if disabled else "user.enable"
         return await self._audited(caller, action, user, lambda session: user_out(
             store.set_user_disabled(session, user, disabled), served))
 
     async def delete_user(self, caller: data.Caller, user: str) -> None:
-        self.service.keys.clear()  # their bound keys are deleted with them
         await self._audited(caller, "user.delete", user, lambda session: store.delete_user(session, user))
 
     async def export_user(self, caller: data.Caller, user: str) -> dict[str, Any]:
@@ -164,7 +163,5 @@ class AdminOperations:
             key_out(k) for k in store.list_api_keys(session, include_revoked=revoked)])
 
     async def revoke_key(self, caller: data.Caller, prefix: str) -> schemas.KeyOut:
-        out = await self._audited(caller, "key.revoke", prefix, lambda session: key_out(
+        return await self._audited(caller, "key.revoke", prefix, lambda session: key_out(
             store.revoke_api_key(session, prefix)))
-        self.service.keys.clear()  # the revoked key stops working on this replica now, elsewhere within auth_cache_s
-        return out

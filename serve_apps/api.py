@@ -2,21 +2,26 @@
 
 Errors are JSON: `{"detail": "message"}`, and for 422 FastAPI's own list `{"detail": [{"loc": [...], "msg": ...}]}`
 so a client reads one shape for every invalid field, whether pydantic or the service found it.
+
+Feedback and the admin writes (except creating a key, whose answer holds the token) take an `Idempotency-Key`
+header: a retry with the same key and body gets the first answer again, marked `Idempotent-Replayed: true`.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from rewardprism.store import IdempotentRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_apps import schemas
 from serve_apps.admin import AdminOperations
 from serve_apps.data import Caller
-from serve_apps.service import ApiError, ScoringService
+from serve_apps.service import IDEMPOTENCY, ApiError, Replayed, ScoringService
 
 UserPath = Annotated[str, Path(min_length=1, max_length=schemas.EXTERNAL_ID_MAX, pattern=schemas.NO_NUL)]
 api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from `rewardprism keys create`")
@@ -27,6 +32,24 @@ async def caller(request: Request, key: Annotated[str | None, Depends(api_key)])
 
 
 Auth = Annotated[Caller, Depends(caller)]
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=schemas.NO_NUL,
+    description="a retry with the same key and body gets the first answer (kept `RP_IDEMPOTENCY_TTL_S`); "
+                "the same key with another request is a 422")]
+
+
+async def idempotent(request: Request, who: Auth, key: IdempotencyKey = None) -> None:
+    """Mark this request's write as idempotent under `key` (`serve_apps.service.IDEMPOTENCY`)."""
+    if key is None:
+        return
+    route = request.scope.get("route")
+    fingerprint = hashlib.sha256(b"\0".join([request.method.encode(), request.url.path.encode(),
+                                              await request.body()])).hexdigest()
+    IDEMPOTENCY.set(IdempotentRequest(who.key, key, fingerprint, getattr(route, "status_code", None) or 200,
+                                      request.app.state.service.settings.idempotency_ttl_s))
+
+
+Idempotent = Depends(idempotent)
 
 
 class BodyLimit:
@@ -81,6 +104,13 @@ def create_api(service: ScoringService) -> FastAPI:
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         return JSONResponse({"detail": detail}, status_code=exc.status, headers=headers)
 
+    @api.exception_handler(Replayed)
+    async def replayed(_: Request, exc: Replayed) -> Response:
+        headers = {"Idempotent-Replayed": "true"}
+        if exc.body is None:
+            return Response(status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+
     @api.post("/v1/score", response_model=schemas.ScoreResponse, tags=["scoring"])
     async def score(request: schemas.ScoreRequest, who: Auth) -> schemas.ScoreResponse:
         """A personalized score per response (and each head's contribution, with `explain`)."""
@@ -91,7 +121,8 @@ def create_api(service: ScoringService) -> FastAPI:
         """The probability that `a` is preferred over `b` by this user (Bradley-Terry on their scores)."""
         return await service.compare(who, request)
 
-    @api.post("/v1/users/{user_id}/feedback", response_model=schemas.FeedbackResponse, tags=["users"])
+    @api.post("/v1/users/{user_id}/feedback", response_model=schemas.FeedbackResponse, tags=["users"],
+              dependencies=[Idempotent])
     async def feedback(user_id: UserPath, request: schemas.FeedbackRequest, who: Auth) -> schemas.FeedbackResponse:
         """Store labelled pairs and re-adapt the user's profile from all their feedback; the next score uses it."""
         return await service.feedback(who, user_id, request)
@@ -100,7 +131,8 @@ def create_api(service: ScoringService) -> FastAPI:
     async def profile(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
         return await service.profile(who, user_id)
 
-    @api.post("/admin/users", response_model=schemas.UserOut, status_code=201, tags=["admin"])
+    @api.post("/admin/users", response_model=schemas.UserOut, status_code=201, tags=["admin"],
+              dependencies=[Idempotent])
     async def create_user(body: schemas.UserCreate, who: Auth) -> schemas.UserOut:
         return await admin.create_user(who, body)
 
@@ -116,22 +148,26 @@ def create_api(service: ScoringService) -> FastAPI:
     async def get_user(user_id: UserPath, who: Auth) -> schemas.UserOut:
         return await admin.get_user(who, user_id)
 
-    @api.patch("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"])
+    @api.patch("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"],
+               dependencies=[Idempotent])
     async def patch_user(user_id: UserPath, body: schemas.UserPatch, who: Auth) -> schemas.UserOut:
         return await admin.set_disabled(who, user_id, body.disabled)
 
-    @api.delete("/admin/users/{user_id}", status_code=204, tags=["admin"])
+    @api.delete("/admin/users/{user_id}", status_code=204, tags=["admin"],
+                dependencies=[Idempotent])
     async def delete_user(user_id: UserPath, who: Auth) -> Response:
         """Delete the user with their profile, feedback and bound API keys."""
         await admin.delete_user(who, user_id)
         return Response(status_code=204)
 
-    @api.post("/admin/users/{user_id}/reset", response_model=schemas.ProfileOut, tags=["admin"])
+    @api.post("/admin/users/{user_id}/reset", response_model=schemas.ProfileOut, tags=["admin"],
+              dependencies=[Idempotent])
     async def reset(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
         """Back to the served head set's default weights (feedback is kept)."""
         return await admin.reset(who, user_id)
 
-    @api.put("/admin/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["admin"])
+    @api.put("/admin/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["admin"],
+             dependencies=[Idempotent])
     async def set_weights(user_id: UserPath, body: schemas.WeightsIn, who: Auth) -> schemas.ProfileOut:
         return await admin.set_weights(who, user_id, body)
 
@@ -139,7 +175,8 @@ def create_api(service: ScoringService) -> FastAPI:
     async def export_user(user_id: UserPath, who: Auth) -> dict[str, Any]:
         return await admin.export_user(who, user_id)
 
-    @api.post("/admin/users/import", response_model=schemas.UserOut, status_code=201, tags=["admin"])
+    @api.post("/admin/users/import", response_model=schemas.UserOut, status_code=201, tags=["admin"],
+              dependencies=[Idempotent])
     async def import_user(export: Annotated[dict[str, Any], Body()], who: Auth) -> schemas.UserOut:
         """Recreate a user from an export (GET /admin/users/{id}/export)."""
         try:
@@ -152,11 +189,13 @@ def create_api(service: ScoringService) -> FastAPI:
     async def list_head_sets(who: Auth) -> list[schemas.HeadSetOut]:
         return await admin.list_head_sets(who)
 
-    @api.post("/admin/head-sets", response_model=schemas.HeadSetOut, status_code=201, tags=["admin"])
+    @api.post("/admin/head-sets", response_model=schemas.HeadSetOut, status_code=201, tags=["admin"],
+              dependencies=[Idempotent])
     async def register_head_set(body: schemas.HeadSetIn, who: Auth) -> schemas.HeadSetOut:
         return await admin.register_head_set(who, body)
 
-    @api.post("/admin/head-sets/{name}/{version}/activate", response_model=schemas.HeadSetOut, tags=["admin"])
+    @api.post("/admin/head-sets/{name}/{version}/activate", response_model=schemas.HeadSetOut, tags=["admin"],
+              dependencies=[Idempotent])
     async def activate_head_set(name: Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)],
                                 version: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)],
                                 who: Auth) -> schemas.HeadSetOut:
@@ -173,10 +212,11 @@ def create_api(service: ScoringService) -> FastAPI:
         """Keys without their secrets; `revoked=true` lists revoked ones too."""
         return await admin.list_keys(who, revoked)
 
-    @api.delete("/admin/keys/{prefix}", response_model=schemas.KeyOut, tags=["admin"])
+    @api.delete("/admin/keys/{prefix}", response_model=schemas.KeyOut, tags=["admin"],
+                dependencies=[Idempotent])
     async def revoke_key(prefix: Annotated[str, Path(min_length=1, max_length=16, pattern=r"^[0-9a-f]+$")],
                          who: Auth) -> schemas.KeyOut:
-        """Revoke a key: refused at once on this replica, on the others within `auth_cache_s`."""
+        """Revoke a key: refused at once on every replica."""
         return await admin.revoke_key(who, prefix)
 
     @api.get("/healthz", response_model=schemas.Health, tags=["ops"])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import sqlalchemy as sa
 from rewardprism.scoring import Profile, Revision, UserState
-from rewardprism.store import HeadSetRow, ProfileRow, User, verify_api_key
+from rewardprism.store import HASH_SCHEME, HeadSetRow, ProfileRow, User, auth_epoch, verify_api_key
 from sqlalchemy.orm import Session
 
 
@@ -56,6 +56,21 @@ def active_head_set(session: Session, name: str) -> HeadSetRow | None:
     return session.scalar(sa.select(HeadSetRow).where(HeadSetRow.name == name, HeadSetRow.active))
 
 
-def authenticate(session: Session, token: str) -> Caller:
+@dataclass(frozen=True)
+class Verified:
+    caller: Caller
+    epoch: int  # the auth epoch it was verified at, read before the key
+    outdated_hash: bool  # stored with an old hash scheme: rehash it (`store.upgrade_api_key_hash`)
+
+
+def authenticate(session: Session, token: str) -> Verified:
+    epoch = auth_epoch(session)  # first: a revoke committed in between moves it past what is cached
     key = verify_api_key(session, token)
-    return Caller(key.prefix, frozenset(key.scopes), None if key.user is None else key.user.external_id)
+    caller = Caller(key.prefix, frozenset(key.scopes), None if key.user is None else key.user.external_id)
+    return Verified(caller, epoch, key.hash_scheme != HASH_SCHEME)
+
+
+def auth_epochs(session: Session, keys: list[str]) -> dict[str, int]:
+    """The auth epoch, for every waiter of a `Coalesced` wave (they all ask for the one value)."""
+    epoch = auth_epoch(session)
+    return dict.fromkeys(keys, epoch)

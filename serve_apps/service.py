@@ -13,6 +13,12 @@ Profiles are cached per replica by (user, revision). Every score request checks 
 with the store — one small query for all the requests that arrive together (`Coalesced`) — so a profile
 written by any replica is used by the very next request anywhere, and a cached one costs no more than that
 check. The active head set is re-read every `head_set_poll_s`. The admin operations are `serve_apps.admin`.
+
+Verified API keys are cached per replica for up to `auth_cache_s`, and each is trusted only while the store's
+auth epoch (`rewardprism.store.revocation`) is the one it was verified at: one small query per wave of
+requests (`Coalesced` again), so a delete, disable or revoke committed anywhere takes effect on the next
+request everywhere. Every write also re-checks its caller's key in its own transaction (`lock_active_key`),
+and a write sent with an `Idempotency-Key` stores its answer in that transaction (`IDEMPOTENCY`).
 """
 from __future__ import annotations
 
@@ -26,11 +32,13 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
+from pydantic_core import to_jsonable_python
 from rewardprism import store
 from rewardprism.adapt import adapt_profile
 from rewardprism.data import Prompt
@@ -45,7 +53,7 @@ from rewardprism.scoring import (
     explain,
     preference_probability,
 )
-from rewardprism.store import Feedback, FeedbackPair, ProfileUpdate
+from rewardprism.store import Feedback, FeedbackPair, IdempotentRequest, ProfileUpdate, idempotency
 from sqlalchemy.orm import Session
 
 from serve_apps import data, schemas
@@ -64,6 +72,10 @@ STORED_METHOD = {"default": "shrink", "hyre": "hyre", "bt": "bt"}
 # A dropped or refused connection, a pool that cannot hand one out: the database is unreachable, not wrong.
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 CONFLICT = "a concurrent change conflicts with this one; retry"  # 409: another writer got there first
+PURGE_EVERY_S = 60.0  # how often a replica deletes expired idempotent answers
+# The Idempotency-Key of the request being served (set by the route layer, `serve_apps.api`): the one write the
+# request makes replays or stores its answer under it.
+IDEMPOTENCY: ContextVar[IdempotentRequest | None] = ContextVar("rewardprism_idempotency", default=None)
 
 
 def _rolled_back_for_a_conflict(exc: Exception) -> bool:
@@ -86,6 +98,21 @@ class ApiError(Exception):
 class Unavailable(ApiError):
     def __init__(self, message: str):
         super().__init__(503, message)
+
+
+class Replayed(Exception):
+    """A retried write: its first answer, stored under the same Idempotency-Key (nothing was written again)."""
+
+    def __init__(self, status: int, body: Any):
+        super().__init__(f"replayed answer {status}")
+        self.status, self.body = status, body
+
+
+@dataclass(frozen=True)
+class CachedCaller:
+    caller: data.Caller
+    epoch: int  # the store's auth epoch when the key was verified
+    when: float  # time.monotonic() then
 
 
 class MissingPairs(Exception):
@@ -155,7 +182,9 @@ class ScoringService:
         self.profiles = ProfileCache(settings.profile_cache_size)
         self.revisions = Coalesced(self.read, data.current_revisions)  # (user exists, profile version, created)
         self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
-        self.keys: LruCache[str, tuple[data.Caller, float]] = LruCache(10_000)  # sha256(token) → caller, when
+        self.keys: LruCache[str, CachedCaller] = LruCache(10_000)  # by sha256(token)
+        self.epochs = Coalesced(self.read, data.auth_epochs)  # the store's auth epoch, one query per wave
+        self._purged_at = time.monotonic()
         self._verifying: dict[str, asyncio.Future[data.Caller]] = {}  # sha256(token) → its one verification
         self.pair_scores: LruCache[tuple[str, str], np.ndarray] = LruCache(settings.pair_cache_size)  # (2, H)
         self.served: ServedHeads | None = None
@@ -187,6 +216,9 @@ class ScoringService:
             await asyncio.sleep(self.settings.head_set_poll_s)
             try:
                 await self.refresh()
+                if time.monotonic() - self._purged_at > PURGE_EVERY_S:
+                    await self.write(idempotency.forget_expired, self.settings.idempotency_ttl_s)
+                    self._purged_at = time.monotonic()
             except Unavailable:
                 pass  # already recorded in database_ok; the next poll tries again
             except Exception:  # the poller must outlive any one bad poll (e.g. an unreadable head-set folder)
@@ -213,11 +245,31 @@ class ScoringService:
                 return work(session, *args)
         return await self._in_thread(call)
 
-    async def write(self, work: Callable[..., T], *args: Any) -> T:
-        """`work(session, *args)` in a worker thread, in one transaction that commits if it returns."""
+    async def write(self, work: Callable[..., T], *args: Any, caller: data.Caller | None = None,
+                    answer: Callable[[T], Any] = lambda result: result) -> T:
+        """`work(session, *args)` in a worker thread, in one transaction that commits if it returns.
+
+        With a `caller`, the transaction first re-checks that its key is still valid (it may have been revoked
+        since it was cached) and, if the request carries an Idempotency-Key, replays the answer stored under it
+        (`Replayed`) or stores `answer(result)` under it with the write.
+        """
+        once = IDEMPOTENCY.get() if caller is not None else None
+
         def call() -> T:
             with self.sessions.begin() as session:
-                return work(session, *args)
+                if caller is not None and caller is not BOOTSTRAP_ADMIN:
+                    store.lock_active_key(session, caller.key)
+                if once is not None:
+                    stored = idempotency.replay(session, once)
+                    if stored is not None and stored.fingerprint != once.fingerprint:
+                        raise ApiError(422, "this Idempotency-Key header was first sent with another request "
+                                            "(method, path or body); use a new key for a new request")
+                    if stored is not None:
+                        raise Replayed(stored.status, stored.body)
+                result = work(session, *args)
+                if once is not None:
+                    idempotency.remember(session, once, to_jsonable_python(answer(result)))
+                return result
         return await self._in_thread(call)
 
     async def _in_thread(self, call: Callable[[], T]) -> T:
@@ -242,6 +294,10 @@ class ScoringService:
             raise ApiError(409, str(exc)) from None
         except store.UserDisabled as exc:
             raise ApiError(403, str(exc)) from None
+        except store.UserDeleted as exc:
+            raise ApiError(410, str(exc)) from None
+        except store.InvalidApiKey:
+            raise ApiError(401, "invalid or revoked API key") from None
         self.database_ok = True
         return result
 
@@ -250,9 +306,11 @@ class ScoringService:
     async def authenticate(self, token: str | None) -> data.Caller:
         """The caller behind an API key; a key verified before an outage keeps working through it.
 
-        A key is verified at most once at a time: the hash is deliberately slow (scrypt, ~16 MiB), and when a
-        busy key's cache entry expired every request in flight used to hash it again at once — two thirds of
-        the Ingress's CPU under load (bench/bench_serve.py).
+        A cached key is used only while the store's auth epoch has not moved since it was verified (one
+        coalesced query per wave), so a delete, disable or revoke is immediate on every replica. A key is
+        verified at most once at a time: keys made before revision 0002 still have a slow hash (scrypt) until
+        their first use rehashes them, and every request in flight hashing one at once cost two thirds of the
+        Ingress's CPU under load (bench/bench_serve.py).
         """
         if not token:
             raise ApiError(401, "missing API key: send it in the X-API-Key header")
@@ -261,26 +319,33 @@ class ScoringService:
             return BOOTSTRAP_ADMIN
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self.keys.peek(digest)
-        if cached is not None and time.monotonic() - cached[1] < self.settings.auth_cache_s:
-            return cached[0]
+        if cached is not None and time.monotonic() - cached.when < self.settings.auth_cache_s:
+            try:
+                if await self.epochs("", self.settings.version_check_timeout_s) == cached.epoch:
+                    return cached.caller
+            except (Unavailable, TimeoutError):  # as for profiles: an unreachable or hung database is not waited
+                return cached.caller  # for (and nothing can be revoked while it cannot commit)
         if digest not in self._verifying:
             task = asyncio.ensure_future(self._verify(token, digest, cached))
             self._verifying[digest] = task
             task.add_done_callback(lambda _: self._verifying.pop(digest, None))
         return await asyncio.shield(self._verifying[digest])
 
-    async def _verify(self, token: str, digest: str, cached: tuple[data.Caller, float] | None) -> data.Caller:
+    async def _verify(self, token: str, digest: str, cached: CachedCaller | None) -> data.Caller:
         try:
-            caller = await self.read(data.authenticate, token)
-        except store.InvalidApiKey:
+            verified = await self.read(data.authenticate, token)
+        except ApiError as exc:
             self.keys.pop(digest)
-            raise ApiError(401, "invalid or revoked API key") from None
-        except Unavailable:
-            if cached is None:
+            if exc.status == 401 or cached is None:
                 raise
-            return cached[0]
-        self.keys.put(digest, (caller, time.monotonic()))
-        return caller
+            return cached.caller  # unreachable: the last verified state (see authenticate)
+        if verified.outdated_hash:
+            try:
+                await self.write(store.upgrade_api_key_hash, token)
+            except ApiError as exc:  # the key works either way; the next verification tries again
+                log.warning("could not rehash API key %s: %s", verified.caller.key, exc.message)
+        self.keys.put(digest, CachedCaller(verified.caller, verified.epoch, time.monotonic()))
+        return verified.caller
 
     @staticmethod
     def authorize(caller: data.Caller, scope: str, user: str | None) -> str | None:
@@ -398,7 +463,8 @@ class ScoringService:
             known = await self._pair_scores(served, pairs, reject=self.settings.over_length == "reject")
             for attempt in range(FEEDBACK_ATTEMPTS):
                 try:
-                    profile, out = await self.write(self._append_feedback, user, pairs, served, known)
+                    profile, out = await self.write(self._append_feedback, user, pairs, served, known, caller=caller,
+                                                    answer=lambda result: result[1])
                     break
                 except MissingPairs as missing:
                     known.update(await self._pair_scores(served, missing.pairs, reject=False))
@@ -410,10 +476,10 @@ class ScoringService:
                 raise ApiError(409, "the profile kept changing under concurrent feedback; retry")
             self.profiles.put(user, UserState(True, profile))
         self.metrics.adapted(time.perf_counter() - started, len(pairs))
-        return schemas.FeedbackResponse(user_id=user, stored=len(pairs), profile=out)
+        return out
 
     def _append_feedback(self, session: Session, user: str, pairs: list[FeedbackPair], served: ServedHeads,
-                         known: dict[str, np.ndarray]) -> tuple[Profile, schemas.ProfileOut]:
+                         known: dict[str, np.ndarray]) -> tuple[Profile, schemas.FeedbackResponse]:
         method = self.settings.adaptation
         head_set_row = session.get(store.HeadSetRow, served.row_id)
 
@@ -435,7 +501,8 @@ class ScoringService:
 
         store.get_or_create_user(session, user, limits=self.limits)
         row = store.append_feedback_and_update_profile(session, user, pairs, adapt, limits=self.limits)
-        return data.to_profile(row), profile_out(user, row, served)
+        return data.to_profile(row), schemas.FeedbackResponse(user_id=user, stored=len(pairs),
+                                                              profile=profile_out(user, row, served))
 
     async def _pair_scores(self, served: ServedHeads, pairs: Sequence[FeedbackPair],
                            reject: bool) -> dict[str, np.ndarray]:

@@ -50,6 +50,8 @@ class ServeSettings(BaseModel):
                                                                   "(a user with none cached waits)")
     head_set_poll_s: float = Field(1.0, gt=0, description="how often the active head set is re-read")
     auth_cache_s: float = Field(30.0, ge=0, description="a verified API key is trusted this long")
+    idempotency_ttl_s: float = Field(86_400.0, ge=60, description="how long the answer to a write sent with an "
+                                     "Idempotency-Key is kept for its retries (then deleted)")
     pair_cache_size: int = Field(50_000, ge=1, description="feedback pairs whose head scores are kept")
     db_timeout_s: int = Field(5, ge=1, description="connect timeout; an unreachable database fails this fast")
 

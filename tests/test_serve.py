@@ -267,9 +267,9 @@ def test_api_keys_scopes_and_user_binding(service):
 
 
 def test_a_key_is_hashed_once_however_many_requests_arrive_with_it(service, db, monkeypatch):
-    """scrypt costs tens of milliseconds and 16 MiB: 32 requests with a key not (or no longer) cached must share
-    one verification, not run 32. ScoringService directly (no HTTP), on the service's database; the real
-    verification, counted."""
+    """Keys from before migration 0002 still cost scrypt (tens of milliseconds, 16 MiB) until rehashed: 32
+    requests with a key not (or no longer) cached must share one verification, not run 32. ScoringService
+    directly (no HTTP), on the service's database; the real verification, counted."""
     import asyncio
 
     from sqlalchemy.orm import Session

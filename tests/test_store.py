@@ -70,7 +70,7 @@ from rewardprism.store.models import Base, User
 from sqlalchemy.orm import Session, sessionmaker
 
 HEADS = ["pc0+", "pc1+", "pc2+", "pc0-", "pc1-", "pc2-"]
-TABLES = [t.name for t in Base.metadata.sorted_tables]
+TABLES = [t.name for t in Base.metadata.sorted_tables if t.name != "auth_epoch"]  # its one row is schema, not data
 
 
 @dataclass

@@ -426,7 +426,7 @@ def keys_create(
 def keys_revoke(
     ctx: typer.Context, prefix: Annotated[str, typer.Argument(help="the key's prefix, from `keys list`")]
 ) -> None:
-    """Revoke an API key; it stops working at once."""
+    """Revoke an API key; it stops working at once, on every service replica (the store's auth epoch moves)."""
     with _transaction(ctx) as session:
         revoke_api_key(session, prefix)
         _audit(ctx, session, "keys.revoke", prefix)

@@ -9,7 +9,8 @@ Helpers never commit: the caller owns the transaction (as in the full-stack Fast
 feedback and update the profile" commits or rolls back as one; `commit_with_retry` is the one wrapper that
 commits. Every write validates its input first (`checks`) and raises a StoreError subclass before touching the
 database, so bad input leaves nothing behind. One module per kind of record: `users`, `profiles` (and
-feedback), `head_sets`, `keys`, `audit`, and `export` across them. Schema changes go through Alembic
+feedback), `head_sets`, `keys`, `audit`, `revocation` (the auth
+epoch, tombstones), `idempotency`, and `export` across them. Schema changes go through Alembic
 (`rewardprism db upgrade`).
 """
 from rewardprism.store.audit import record_audit
@@ -23,11 +24,21 @@ from rewardprism.store.errors import (
     NotFound,
     ProfileConflict,
     StoreError,
+    UserDeleted,
     UserDisabled,
 )
 from rewardprism.store.export import export_user, import_user
 from rewardprism.store.head_sets import activate_head_set, get_head_set, list_head_sets, register_head_set
-from rewardprism.store.keys import create_api_key, list_api_keys, revoke_api_key, verify_api_key
+from rewardprism.store.idempotency import IdempotentRequest
+from rewardprism.store.keys import (
+    HASH_SCHEME,
+    create_api_key,
+    list_api_keys,
+    lock_active_key,
+    revoke_api_key,
+    upgrade_api_key_hash,
+    verify_api_key,
+)
 from rewardprism.store.models import (
     KINDS,
     POPULATION_METHOD,
@@ -35,8 +46,11 @@ from rewardprism.store.models import (
     SCOPES,
     ApiKey,
     AuditEntry,
+    AuthEpoch,
+    DeletedUser,
     Feedback,
     HeadSetRow,
+    IdempotentAnswer,
     ProfileRow,
     User,
 )
@@ -51,6 +65,7 @@ from rewardprism.store.profiles import (
     reset_profile,
     save_profile,
 )
+from rewardprism.store.revocation import auth_epoch, was_deleted
 from rewardprism.store.users import (
     Page,
     create_user,
@@ -62,13 +77,14 @@ from rewardprism.store.users import (
 )
 
 __all__ = [
-    "DEFAULT_URL", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES",
-    "Adapter", "AlreadyExists", "ApiKey", "AuditEntry", "Feedback", "FeedbackPair", "HeadSetRow",
-    "InvalidApiKey", "InvalidInput", "Limits", "MissingScope", "NotFound", "Page", "ProfileRow",
-    "ProfileConflict", "ProfileUpdate", "StoreError", "StoreSettings", "User", "UserDisabled",
-    "activate_head_set", "append_feedback_and_update_profile", "check_feedback_pair", "commit_with_retry",
+    "DEFAULT_URL", "HASH_SCHEME", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES",
+    "Adapter", "AlreadyExists", "ApiKey", "AuditEntry", "AuthEpoch", "DeletedUser", "Feedback", "FeedbackPair",
+    "HeadSetRow", "IdempotentAnswer", "IdempotentRequest", "InvalidApiKey", "InvalidInput", "Limits", "MissingScope",
+    "NotFound", "Page", "ProfileRow",
+    "ProfileConflict", "ProfileUpdate", "StoreError", "StoreSettings", "User", "UserDeleted", "UserDisabled",
+    "activate_head_set", "append_feedback_and_update_profile", "auth_epoch", "check_feedback_pair", "commit_with_retry",
     "create_api_key", "create_user", "delete_user", "export_user", "get_head_set", "get_or_create_user", "get_profile",
-    "get_user", "import_user", "list_api_keys", "list_feedback", "list_head_sets", "list_users",
+    "get_user", "import_user", "list_api_keys", "list_feedback", "list_head_sets", "list_users", "lock_active_key",
     "make_engine", "make_sessions", "record_audit", "register_head_set", "reset_profile", "revoke_api_key",
-    "safe_url", "save_profile", "set_user_disabled", "verify_api_key",
+    "safe_url", "save_profile", "set_user_disabled", "upgrade_api_key_hash", "verify_api_key", "was_deleted",
 ]

@@ -22,6 +22,10 @@ class UserDisabled(StoreError):
     """The user was disabled by an admin: no feedback, no profile changes."""
 
 
+class UserDeleted(StoreError):
+    """The user was deleted: writes for them are refused rather than creating them again (HTTP 410)."""
+
+
 class ProfileConflict(StoreError):
     """Another writer changed the profile first; roll back and retry the whole transaction."""
 

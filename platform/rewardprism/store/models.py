@@ -182,16 +182,21 @@ class Feedback(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+HASH_SCHEMES = ("sha256", "scrypt")  # how api_keys.key_hash was made: new keys sha256, keys from before 0002 scrypt
+
+
 class ApiKey(Base):
-    """A client or admin credential. Only a salted scrypt hash of the secret is stored, never the secret."""
+    """A client or admin credential. Only a salted hash of the secret is stored, never the secret (`keys`)."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (sa.CheckConstraint(_one_of("hash_scheme", HASH_SCHEMES), name="hash_scheme"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prefix: Mapped[str] = mapped_column(sa.String(16), unique=True)  # the public part, shown in listings
     name: Mapped[str | None] = mapped_column(sa.String(NAME_MAX))
     salt: Mapped[bytes] = mapped_column(sa.LargeBinary(16))
     key_hash: Mapped[bytes] = mapped_column(sa.LargeBinary(64))
+    hash_scheme: Mapped[str] = mapped_column(sa.String(16))
     scopes: Mapped[list[str]] = mapped_column(JSONDoc)
     user_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -213,4 +218,46 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(sa.String(64))
     target: Mapped[str] = mapped_column(sa.String(NAME_MAX))
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class AuthEpoch(Base):
+    """One row: a counter bumped in the transaction of every delete, disable or revoke (`store.revocation`).
+
+    Replicas cache verified keys; each checks this counter once per wave of requests, so a cached key
+    outlives none of those changes, whichever replica made them.
+    """
+
+    __tablename__ = "auth_epoch"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    epoch: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class DeletedUser(Base):
+    """A tombstone: feedback for this external id is refused instead of creating the user again.
+
+    Only an explicit create or import (an admin's decision) brings the id back, and removes the tombstone.
+    """
+
+    __tablename__ = "deleted_users"
+
+    external_id: Mapped[str] = mapped_column(sa.String(EXTERNAL_ID_MAX), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotentAnswer(Base):
+    """The first answer to a write sent with an `Idempotency-Key`, committed with the write itself.
+
+    `owner` is the caller's key prefix (keys do not share idempotency keys); `fingerprint` hashes the method,
+    path and body, so the same key with another request is told apart from a retry.
+    """
+
+    __tablename__ = "idempotent_answers"
+
+    owner: Mapped[str] = mapped_column(sa.String(NAME_MAX), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(NAME_MAX), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[int]
+    body: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session, contains_eager
 
 from rewardprism.store import checks
 from rewardprism.store.config import DEFAULT_LIMITS, Limits
-from rewardprism.store.errors import AlreadyExists, InvalidInput, NotFound
+from rewardprism.store.errors import AlreadyExists, InvalidInput, NotFound, UserDeleted
 from rewardprism.store.models import EXTERNAL_ID_MAX, NAME_MAX, PROFILE_METHODS, HeadSetRow, ProfileRow, User
+from rewardprism.store.revocation import bump_auth_epoch, bury_user, unbury_user, was_deleted
 
 T = TypeVar("T")
 MAX_PAGE = 1_000
@@ -54,6 +55,7 @@ def create_user(
     metadata: Mapping[str, Any] | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> User:
+    """A new user; an id that was deleted may be created again (it is an admin's explicit decision)."""
     user = User(
         external_id=checks.text(external_id, "external id", EXTERNAL_ID_MAX, empty_ok=False),
         display_name=None if display_name is None else checks.text(display_name, "display name", NAME_MAX),
@@ -61,6 +63,7 @@ def create_user(
     )
     if _find_user(session, external_id) is not None:
         raise AlreadyExists(f"a user with external id {external_id!r} already exists")
+    unbury_user(session, user.external_id)
     session.add(user)
     try:
         session.flush()
@@ -77,10 +80,15 @@ def get_or_create_user(
     metadata: Mapping[str, Any] | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> User:
-    """The user, created on first sight; safe when two requests for a new user race (savepoint)."""
+    """The user, created on first sight; safe when two requests for a new user race (savepoint).
+
+    A deleted user is not created again this way (UserDeleted): only an explicit `create_user` brings them back.
+    """
     user = _find_user(session, external_id)
     if user is not None:
         return user
+    if was_deleted(session, external_id):
+        raise UserDeleted(f"user {external_id!r} was deleted; an admin must create them again before feedback")
     try:
         with session.begin_nested():
             return create_user(session, external_id, display_name=display_name, metadata=metadata,
@@ -92,6 +100,7 @@ def get_or_create_user(
 def set_user_disabled(session: Session, external_id: str, disabled: bool) -> User:
     user = get_user(session, external_id)
     user.disabled = disabled
+    bump_auth_epoch(session)  # their cached keys stop working on every replica
     session.flush()
     return user
 
@@ -126,7 +135,12 @@ def list_users(
 
 
 def delete_user(session: Session, external_id: str) -> None:
-    """Delete the user; the database deletes their profile, feedback and API keys (ON DELETE CASCADE)."""
+    """Delete the user; the database deletes their profile, feedback and API keys (ON DELETE CASCADE).
+
+    A tombstone stays (feedback cannot bring them back) and the auth epoch moves (their keys stop at once).
+    """
     session.delete(get_user(session, external_id))
+    bury_user(session, external_id)
+    bump_auth_epoch(session)
     session.flush()
 
