@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import random
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -64,6 +65,11 @@ STORED_METHOD = {"default": "shrink", "hyre": "hyre", "bt": "bt"}
 # A dropped or refused connection, a pool that cannot hand one out: the database is unreachable, not wrong.
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 CONFLICT = "a concurrent change conflicts with this one; retry"  # 409: another writer got there first
+HEALTH_WAIT_S = 0.5  # /healthz waits this long for its database probe, then reports what it knows
+
+
+class Abandoned(Exception):
+    """Raised in a worker thread whose caller has answered 503 already: its transaction rolls back."""
 
 
 def _rolled_back_for_a_conflict(exc: Exception) -> bool:
@@ -151,8 +157,14 @@ class ScoringService:
         self.engine = store.make_engine(store_settings)
         self.sessions = store.make_sessions(self.engine)
         self.read_sessions = store.make_sessions(self.engine, read_only=True)
-        self.db = ThreadPoolExecutor(store_settings.pool_size + store_settings.max_overflow,
-                                     thread_name_prefix="rewardprism-db")
+        threads = store_settings.pool_size + store_settings.max_overflow
+        self.db = ThreadPoolExecutor(threads, thread_name_prefix="rewardprism-db")
+        # A thread per database call in flight, held until the thread is free again (not merely until its caller
+        # gave up), so calls hung on a stalled database cannot queue up behind each other without bound.
+        self.db_slots = asyncio.Semaphore(threads)
+        self.probes = ThreadPoolExecutor(1, thread_name_prefix="rewardprism-health")  # apart from the pool
+        self._probe: asyncio.Future[bool] | None = None
+        self._probe_started = 0.0
         self.profiles = ProfileCache(settings.profile_cache_size)
         self.revisions = Coalesced(self.read, data.current_revisions)  # (user exists, profile version, created)
         self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
@@ -181,6 +193,7 @@ class ScoringService:
         if self._poller is not None:
             self._poller.cancel()
         self.db.shutdown(wait=False, cancel_futures=True)
+        self.probes.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
 
     async def _poll_forever(self) -> None:
@@ -209,21 +222,45 @@ class ScoringService:
 
     async def read(self, work: Callable[..., T], *args: Any) -> T:
         """`work(session, *args)` in a worker thread; the session is rolled back and closed afterwards."""
-        def call() -> T:
+        def call(_: threading.Event) -> T:
             with self.read_sessions() as session:
                 return work(session, *args)
         return await self._in_thread(call)
 
     async def write(self, work: Callable[..., T], *args: Any) -> T:
-        """`work(session, *args)` in a worker thread, in one transaction that commits if it returns."""
-        def call() -> T:
+        """`work(session, *args)` in a worker thread, in one transaction that commits if it returns in time."""
+        def call(abandoned: threading.Event) -> T:
             with self.sessions.begin() as session:
-                return work(session, *args)
+                result = work(session, *args)
+                if abandoned.is_set():  # the caller got a 503: commit nothing it was told was not written
+                    raise Abandoned
+                return result
         return await self._in_thread(call)
 
-    async def _in_thread(self, call: Callable[[], T]) -> T:
+    async def _in_thread(self, call: Callable[[threading.Event], T]) -> T:
+        """Run `call` in the pool under the `db_call_timeout_s` deadline (its wait for a thread included).
+
+        At the deadline the caller gets a 503 and the call is marked abandoned: a write still running rolls
+        back instead of committing (only a commit already sent may still land, as after any lost connection).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.db_call_timeout_s
+        if self.db_slots.locked() and not self.database_ok:  # every thread hangs on a stalled database
+            raise Unavailable("the database is not answering; try again shortly")
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.db, call)
+            await asyncio.wait_for(self.db_slots.acquire(), self.settings.db_call_timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable("every database connection is busy; try again shortly") from None
+        abandoned = threading.Event()
+        future = loop.run_in_executor(self.db, call, abandoned)
+        future.add_done_callback(self._release_slot)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            abandoned.set()
+            self.database_ok = False
+            log.warning("database call past its %ss deadline: answered 503", self.settings.db_call_timeout_s)
+            raise Unavailable("the database did not answer in time; nothing was written; retry") from None
         except DATABASE_DOWN as exc:
             if _rolled_back_for_a_conflict(exc):  # the database is up: another transaction won
                 self.database_ok = True
@@ -245,6 +282,11 @@ class ScoringService:
             raise ApiError(403, str(exc)) from None
         self.database_ok = True
         return result
+
+    def _release_slot(self, future: asyncio.Future) -> None:
+        self.db_slots.release()
+        if not future.cancelled():
+            future.exception()  # retrieved: an abandoned call's error was answered as a 503 already
 
     # ------------------------------------------------------------------------------------------ auth
 
@@ -476,14 +518,28 @@ class ScoringService:
     # ------------------------------------------------------------------------------------------ health
 
     async def health(self) -> schemas.Health:
-        try:
-            await self.read(lambda session: session.execute(sa.text("SELECT 1")))
-        except Unavailable:
-            pass
+        """Answers within HEALTH_WAIT_S whatever the database does: one probe at a time runs in a thread of its
+        own; a probe unanswered for longer means the database is unreachable (or hangs) for now."""
+        loop = asyncio.get_running_loop()
+        if self._probe is None or self._probe.done():
+            self._probe, self._probe_started = loop.run_in_executor(self.probes, self._ping), loop.time()
+        done, _ = await asyncio.wait({self._probe}, timeout=HEALTH_WAIT_S)
+        if done:
+            self.database_ok = self._probe.result()
+        elif loop.time() - self._probe_started >= HEALTH_WAIT_S:
+            self.database_ok = False
         ok = self.database_ok and self.served is not None
         return schemas.Health(status="ok" if ok else "degraded", database="ok" if self.database_ok else "unreachable",
                               head_set=None if self.served is None else self.served.label,
                               cached_profiles=len(self.profiles))
+
+    def _ping(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(sa.text("SELECT 1"))
+        except DATABASE_DOWN:
+            return False
+        return True
 
 
 def over_length_error(fields: list[str], limit: int) -> ApiError:

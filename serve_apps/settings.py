@@ -52,6 +52,9 @@ class ServeSettings(BaseModel):
     auth_cache_s: float = Field(30.0, ge=0, description="a verified API key is trusted this long")
     pair_cache_size: int = Field(50_000, ge=1, description="feedback pairs whose head scores are kept")
     db_timeout_s: int = Field(5, ge=1, description="connect timeout; an unreachable database fails this fast")
+    db_call_timeout_s: float = Field(10.0, gt=0, description="deadline of each database call, waiting for a "
+                                                            "connection included: past it the call answers 503 "
+                                                            "and its transaction rolls back")
 
     @field_validator("database_url")
     @classmethod
