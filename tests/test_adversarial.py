@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -369,3 +370,21 @@ def test_openapi_fuzz_finds_no_server_errors_and_no_undocumented_statuses(servic
                                 f"{response.status_code} {response.text[:200]}")
         fuzz()
     assert not failures, "\n".join(failures[:5])
+
+
+def test_stateful_fuzz_over_inferred_links_finds_no_server_errors(service, tmp_path):
+    """Schemathesis' stateful phase (its CLI: sequences of calls over the links it infers, e.g. create a user,
+    then read, patch, export and import it), bounded in examples and time.
+
+    Isolated from the tests above by running last, with the bootstrap admin key, and without key revocation, so
+    it can neither lock itself out nor revoke the keys other tests use.
+    """
+    cli = Path(sys.executable).with_name("schemathesis")
+    run = subprocess.run(
+        [str(cli), "run", f"{service.url}/openapi.json", "--phases", "stateful", "-n", str(FUZZ_EXAMPLES),
+         "--max-time", "25", "--seed", "16", "--workers", "1", "-H", f"X-API-Key: {ADMIN_KEY}",
+         "--exclude-name", "DELETE /admin/keys/{prefix}", "--request-timeout", "30",
+         "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "stateful" in run.stdout.lower(), run.stdout[-2000:]
