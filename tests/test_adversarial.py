@@ -12,14 +12,12 @@ import concurrent.futures as cf
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,8 @@ from rewardprism.heads import HeadSet
 from rewardprism.scoring import BatchScorer
 from rewardprism.store.migrate import upgrade
 
+from serve_apps import local
+
 CLUSTER, PORT = "rpadversarial", 5499
 ADMIN_KEY = "a" * 16 + os.urandom(16).hex()  # the bootstrap admin key: it cannot be revoked by a fuzzer
 CALL_DEADLINE_S = 2.0  # the service's db_call_timeout_s here
@@ -42,45 +42,13 @@ FUZZ_EXAMPLES = int(os.environ.get("RP_FUZZ_EXAMPLES", "25"))
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-@dataclass
-class Cluster:
-    url: str
-    data_dir: Path
-
-    def processes(self) -> list[int]:
-        """The postmaster and every process it started (backends, checkpointer, ...)."""
-        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
-        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
-        return [postmaster, *map(int, children)]
-
-    @contextmanager
-    def frozen(self) -> Iterator[None]:
-        """The whole server stopped (SIGSTOP), as if its machine hung; continued whatever happens inside."""
-        pids = self.processes()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster() -> Iterator[local.PostgresCluster]:
     if shutil.which("pg_createcluster") is None or os.geteuid() != 0:
         pytest.skip("needs root and postgresql-common (pg_createcluster) for a Postgres cluster of its own")
-    subprocess.run(["pg_dropcluster", "--stop", "15", CLUSTER], capture_output=True)  # a leftover of a killed run
-    subprocess.run(["pg_createcluster", "15", CLUSTER, "--port", str(PORT), "--start", "--",
-                    "--auth=trust"], check=True, capture_output=True)
-    try:
-        data_dir = Path(subprocess.run(["pg_conftool", "-s", "15", CLUSTER, "show", "data_directory"],
-                                       check=True, capture_output=True, text=True).stdout.strip())
-        url = f"postgresql+psycopg://postgres@127.0.0.1:{PORT}/postgres"
-        upgrade(url)
-        yield Cluster(url, data_dir)
-    finally:
-        subprocess.run(["pg_dropcluster", "--stop", "15", CLUSTER], capture_output=True)
+    with local.postgres_cluster(CLUSTER, PORT) as cluster:
+        upgrade(cluster.url)
+        yield cluster
 
 
 class NoMetrics:
