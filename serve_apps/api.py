@@ -22,7 +22,6 @@ from serve_apps.admin import AdminOperations
 from serve_apps.data import Caller
 from serve_apps.service import ApiError, ScoringService
 
-RETRY_AFTER_S = 1  # what a 503 tells clients to wait before retrying
 UserPath = Annotated[str, Path(min_length=1, max_length=schemas.EXTERNAL_ID_MAX, pattern=schemas.NO_NUL)]
 api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from `rewardprism keys create`")
 
@@ -124,7 +123,7 @@ def create_api(service: ScoringService) -> FastAPI:
                             "type": "value_error"} for loc in locs]
         else:
             detail = exc.message
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
         return JSONResponse({"detail": detail}, status_code=exc.status, headers=headers)
 
     @api.post("/v1/score", response_model=schemas.ScoreResponse, tags=["scoring"])
