@@ -25,7 +25,9 @@ if context.is_offline_mode():
     with context.begin_transaction():
         context.run_migrations()
 else:
-    engine = make_engine(settings)
+    # A migration may rewrite a large table: no statement timeout (the lock timeout stays, so it never queues
+    # behind a stalled client while blocking everyone else).
+    engine = make_engine(settings.model_copy(update={"statement_timeout_s": 0}))
     with engine.connect() as connection:
         context.configure(connection=connection, **options)
         with context.begin_transaction():

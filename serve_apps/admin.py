@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from rewardprism import store
 from rewardprism.heads import HeadSet
+from rewardprism.store import checks
 from sqlalchemy.orm import Session
 
 from serve_apps import data, schemas
@@ -26,8 +27,9 @@ def authorize_admin(caller: data.Caller) -> None:
 
 
 def user_out(user: store.User, served: ServedHeads | None) -> schemas.UserOut:
-    return schemas.UserOut(external_id=user.external_id, display_name=user.display_name, metadata=user.meta,
-                           disabled=user.disabled, created_at=user.created_at,
+    metadata, metadata_error = checks.readable_json(user.meta, "metadata")
+    return schemas.UserOut(external_id=user.external_id, display_name=user.display_name, metadata=metadata,
+                           metadata_error=metadata_error, disabled=user.disabled, created_at=user.created_at,
                            profile=None if user.profile is None else profile_out(user.external_id, user.profile,
                                                                                 served))
 

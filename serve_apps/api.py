@@ -9,13 +9,16 @@ header: a retry with the same key and body gets the first answer again, marked `
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
-from rewardprism.store import IdempotentRequest
+from rewardprism.store import IdempotentRequest, checks
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_apps import schemas
@@ -78,10 +81,51 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class StrictJsonRequest(Request):
+    """A request whose body must be UTF-8 JSON that Python can parse: anything else is a JSON decode error, so
+    FastAPI answers 422 (`json_invalid`) instead of its generic 400 for invalid UTF-8 or absurd nesting."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise json.JSONDecodeError(f"the body is not valid UTF-8 ({exc.reason})", "", exc.start) from None
+            try:
+                self._json = json.loads(text)
+            except RecursionError:
+                raise json.JSONDecodeError("the body nests too deeply", "", 0) from None
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+        return strict
+
+
+# What the routes answer besides success and FastAPI's own 422, as `{"detail": message}`, for the OpenAPI schema.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schemas.Error, "description": description} for status, description in (
+        (401, "missing, invalid or revoked API key"),
+        (403, "the key lacks the scope, is bound to another user, or the user is disabled"),
+        (404, "unknown user, head set or key"),
+        (409, "a concurrent change conflicts with this one, or the record already exists; retry or reload"),
+        (413, "request body over `max_request_bytes`"),
+        (503, "the database is unreachable or too slow, or no head set is active; retry after `Retry-After`"),
+    )}
+
+
 def create_api(service: ScoringService) -> FastAPI:
     api = FastAPI(title="RewardPrism", version="1",
                   description="Personalized reward scores: one backbone pass shared by all users, each user's "
-                              "own weights over the served head set. See docs/serve.md.")
+                              "own weights over the served head set. See docs/serve.md.",
+                  responses=ERRORS)
+    api.router.route_class = StrictJsonRoute
     api.state.service = service
     admin = AdminOperations(service)
     api.add_middleware(BodyLimit, service=service)
@@ -180,7 +224,7 @@ def create_api(service: ScoringService) -> FastAPI:
     async def import_user(export: Annotated[dict[str, Any], Body()], who: Auth) -> schemas.UserOut:
         """Recreate a user from an export (GET /admin/users/{id}/export)."""
         try:
-            schemas.storable_json(export)
+            schemas.storable_json(export, "the export", checks.MAX_JSON_DEPTH + 1)  # metadata is one level down
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
         return await admin.import_user(who, export)

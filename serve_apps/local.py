@@ -2,13 +2,19 @@
 
 They deploy the real config the way an operator does (`serve run CONFIG --non-blocking`), resized for the
 machine and pointed at their own database, so a change to config.yaml is tested too. A redeploy that changes
-only `user_config` reconfigures the running replicas in place.
+only `user_config` reconfigures the running replicas in place. Fault tests and benchmarks get a Postgres
+cluster of their own (`postgres_cluster`) to freeze and stop.
 """
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +62,52 @@ def run_config(port: int, *apps: dict, timeout_s: float = 300) -> None:
         if "DEPLOY_FAILED" in states.values() or time.monotonic() > deadline:
             raise RuntimeError(f"applications did not start: {states}; {status}")
         time.sleep(0.5)
+
+
+@dataclass
+class PostgresCluster:
+    """A throwaway Postgres cluster of the caller's own (`postgres_cluster`), for faults no shared server may
+    suffer: frozen with SIGSTOP (a hung machine: connections stay open, nothing answers) or stopped."""
+
+    version: str
+    name: str
+    url: str
+    data_dir: Path
+
+    def processes(self) -> list[int]:
+        """The postmaster and every process it started (backends, checkpointer, ...)."""
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The whole server stopped with SIGSTOP inside the block, continued whatever happens there."""
+        pids = self.processes()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+    def ctl(self, action: str) -> None:
+        """`pg_ctlcluster` start, stop (fast shutdown) or restart."""
+        subprocess.run(["pg_ctlcluster", self.version, self.name, action], check=True, capture_output=True)
+
+
+@contextmanager
+def postgres_cluster(name: str, port: int, version: str = "15") -> Iterator[PostgresCluster]:
+    """A new cluster `name` on `port` (trust auth on loopback, for user postgres), dropped on exit; one left by
+    a killed run is dropped first. Needs root and postgresql-common (`pg_createcluster`)."""
+    subprocess.run(["pg_dropcluster", "--stop", version, name], capture_output=True)
+    subprocess.run(["pg_createcluster", version, name, "--port", str(port), "--start", "--", "--auth=trust"],
+                   check=True, capture_output=True)
+    try:
+        data_dir = subprocess.run(["pg_conftool", "-s", version, name, "show", "data_directory"], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        yield PostgresCluster(version, name, f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
+                              Path(data_dir))
+    finally:
+        subprocess.run(["pg_dropcluster", "--stop", version, name], capture_output=True)

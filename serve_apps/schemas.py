@@ -9,10 +9,10 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator, model_validator
+from rewardprism.bounds import MAX_ABS_WEIGHT
 from rewardprism.data import Prompt
-from rewardprism.scoring import MAX_ABS_WEIGHT
-from rewardprism.store import Limits
+from rewardprism.store import Limits, checks
 from rewardprism.store.models import EXTERNAL_ID_MAX, NAME_MAX, SOURCE_MAX, URI_MAX
 
 LIMITS = Limits()  # the store's field limits; it checks them again (with any RP_MAX_* overrides) on write
@@ -24,10 +24,13 @@ UserId = Annotated[str, StringConstraints(min_length=1, max_length=EXTERNAL_ID_M
 Text = Annotated[str, StringConstraints(max_length=LIMITS.max_text_chars, pattern=NO_NUL)]
 PromptText = Annotated[str, StringConstraints(min_length=1, max_length=LIMITS.max_text_chars, pattern=NO_NUL)]
 Weight = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT)]
+Flag = Annotated[bool, Strict()]  # true or false only: "yes", 1 or "on" are 422, not quietly true
 
 
-def storable_json(document: Any) -> Any:
-    """A JSON document the store can keep: no NaN or infinity, no NUL character anywhere (JSONB refuses it)."""
+def storable_json(document: Any, what: str, max_depth: int = checks.MAX_JSON_DEPTH) -> Any:
+    """A JSON document the store can keep: bounded nesting (checked first: encoders recurse), no NaN or
+    infinity, no NUL character anywhere (JSONB refuses it)."""
+    checks.json_depth(document, what, max_depth)
     try:
         text = json.dumps(document, allow_nan=False)
     except ValueError as exc:
@@ -73,7 +76,7 @@ class Conversation(Body):
 class ScoreRequest(Conversation):
     user_id: UserId | None = Field(None, description="omit for the default profile (or a key's bound user)")
     responses: list[Text] = Field(min_length=1, max_length=MAX_RESPONSES)
-    explain: bool = Field(False, description="add each head's contribution to every score")
+    explain: Flag = Field(False, description="add each head's contribution to every score")
     explain_top: int | None = Field(None, ge=1, description="only the heads with the largest contributions")
 
 
@@ -164,17 +167,19 @@ class UserCreate(Body):
     @field_validator("metadata")
     @classmethod
     def _storable(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        return storable_json(metadata)
+        return storable_json(metadata, "metadata")
 
 
 class UserPatch(Body):
-    disabled: bool
+    disabled: Flag
 
 
 class UserOut(BaseModel):
     external_id: str
     display_name: str | None
     metadata: dict[str, Any]
+    metadata_error: str | None = Field(None, description="why `metadata` is shown empty: a document stored by "
+                                                         "an older version that no longer passes the checks")
     disabled: bool
     created_at: datetime
     profile: ProfileOut | None
@@ -196,7 +201,7 @@ class WeightsIn(Body):
 class HeadSetIn(Body):
     uri: Annotated[str, StringConstraints(min_length=1, max_length=URI_MAX, pattern=NO_NUL)] = Field(
         description="a folder written by HeadSet.save, readable by every replica")
-    activate: bool = False
+    activate: Flag = False
 
 
 class HeadSetOut(BaseModel):
@@ -229,6 +234,10 @@ class KeyOut(BaseModel):
 
 class KeyCreated(KeyOut):
     token: str = Field(description="the whole key, shown this once: only a salted hash of it is stored")
+
+
+class Error(BaseModel):
+    detail: str
 
 
 class Health(BaseModel):

@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import random
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -76,6 +77,11 @@ PURGE_EVERY_S = 60.0  # how often a replica deletes expired idempotent answers
 # The Idempotency-Key of the request being served (set by the route layer, `serve_apps.api`): the one write the
 # request makes replays or stores its answer under it.
 IDEMPOTENCY: ContextVar[IdempotentRequest | None] = ContextVar("rewardprism_idempotency", default=None)
+HEALTH_WAIT_S = 0.5  # /healthz waits this long for its database probe, then reports what it knows
+
+
+class Abandoned(Exception):
+    """Raised in a worker thread whose caller has answered 503 already: its transaction rolls back."""
 
 
 def _rolled_back_for_a_conflict(exc: Exception) -> bool:
@@ -177,8 +183,14 @@ class ScoringService:
         self.engine = store.make_engine(store_settings)
         self.sessions = store.make_sessions(self.engine)
         self.read_sessions = store.make_sessions(self.engine, read_only=True)
-        self.db = ThreadPoolExecutor(store_settings.pool_size + store_settings.max_overflow,
-                                     thread_name_prefix="rewardprism-db")
+        threads = store_settings.pool_size + store_settings.max_overflow
+        self.db = ThreadPoolExecutor(threads, thread_name_prefix="rewardprism-db")
+        # A thread per database call in flight, held until the thread is free again (not merely until its caller
+        # gave up), so calls hung on a stalled database cannot queue up behind each other without bound.
+        self.db_slots = asyncio.Semaphore(threads)
+        self.probes = ThreadPoolExecutor(1, thread_name_prefix="rewardprism-health")  # apart from the pool
+        self._probe: asyncio.Future[bool] | None = None
+        self._probe_started = 0.0
         self.profiles = ProfileCache(settings.profile_cache_size)
         self.revisions = Coalesced(self.read, data.current_revisions)  # (user exists, profile version, created)
         self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
@@ -209,6 +221,7 @@ class ScoringService:
         if self._poller is not None:
             self._poller.cancel()
         self.db.shutdown(wait=False, cancel_futures=True)
+        self.probes.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
 
     async def _poll_forever(self) -> None:
@@ -240,14 +253,14 @@ class ScoringService:
 
     async def read(self, work: Callable[..., T], *args: Any) -> T:
         """`work(session, *args)` in a worker thread; the session is rolled back and closed afterwards."""
-        def call() -> T:
+        def call(_: threading.Event) -> T:
             with self.read_sessions() as session:
                 return work(session, *args)
         return await self._in_thread(call)
 
     async def write(self, work: Callable[..., T], *args: Any, caller: data.Caller | None = None,
                     answer: Callable[[T], Any] = lambda result: result) -> T:
-        """`work(session, *args)` in a worker thread, in one transaction that commits if it returns.
+        """`work(session, *args)` in a worker thread, in one transaction that commits if it returns in time.
 
         With a `caller`, the transaction first re-checks that its key is still valid (it may have been revoked
         since it was cached) and, if the request carries an Idempotency-Key, replays the answer stored under it
@@ -255,7 +268,7 @@ class ScoringService:
         """
         once = IDEMPOTENCY.get() if caller is not None else None
 
-        def call() -> T:
+        def call(abandoned: threading.Event) -> T:
             with self.sessions.begin() as session:
                 if caller is not None and caller is not BOOTSTRAP_ADMIN:
                     store.lock_active_key(session, caller.key)
@@ -269,12 +282,35 @@ class ScoringService:
                 result = work(session, *args)
                 if once is not None:
                     idempotency.remember(session, once, to_jsonable_python(answer(result)))
+                if abandoned.is_set():  # the caller got a 503: commit nothing it was told was not written
+                    raise Abandoned
                 return result
         return await self._in_thread(call)
 
-    async def _in_thread(self, call: Callable[[], T]) -> T:
+    async def _in_thread(self, call: Callable[[threading.Event], T]) -> T:
+        """Run `call` in the pool under the `db_call_timeout_s` deadline (its wait for a thread included).
+
+        At the deadline the caller gets a 503 and the call is marked abandoned: a write still running rolls
+        back instead of committing (only a commit already sent may still land, as after any lost connection).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.db_call_timeout_s
+        if self.db_slots.locked() and not self.database_ok:  # every thread hangs on a stalled database
+            raise Unavailable("the database is not answering; try again shortly")
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.db, call)
+            await asyncio.wait_for(self.db_slots.acquire(), self.settings.db_call_timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable("every database connection is busy; try again shortly") from None
+        abandoned = threading.Event()
+        future = loop.run_in_executor(self.db, call, abandoned)
+        future.add_done_callback(self._release_slot)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            abandoned.set()
+            self.database_ok = False
+            log.warning("database call past its %ss deadline: answered 503", self.settings.db_call_timeout_s)
+            raise Unavailable("the database did not answer in time; nothing was written; retry") from None
         except DATABASE_DOWN as exc:
             if _rolled_back_for_a_conflict(exc):  # the database is up: another transaction won
                 self.database_ok = True
@@ -300,6 +336,11 @@ class ScoringService:
             raise ApiError(401, "invalid or revoked API key") from None
         self.database_ok = True
         return result
+
+    def _release_slot(self, future: asyncio.Future) -> None:
+        self.db_slots.release()
+        if not future.cancelled():
+            future.exception()  # retrieved: an abandoned call's error was answered as a 503 already
 
     # ------------------------------------------------------------------------------------------ auth
 
@@ -541,14 +582,29 @@ class ScoringService:
     # ------------------------------------------------------------------------------------------ health
 
     async def health(self) -> schemas.Health:
-        try:
-            await self.read(lambda session: session.execute(sa.text("SELECT 1")))
-        except Unavailable:
-            pass
+        """Answers within HEALTH_WAIT_S whatever the database does: one probe at a time runs in a thread of its
+        own; a probe unanswered for longer means the database is unreachable (or hangs) for now."""
+        loop = asyncio.get_running_loop()
+        if self._probe is None or self._probe.done():
+            self._probe, self._probe_started = loop.run_in_executor(self.probes, self._ping), loop.time()
+        done, _ = await asyncio.wait({self._probe}, timeout=HEALTH_WAIT_S)
+        if done:
+            self.database_ok = self._probe.result()
+        elif loop.time() - self._probe_started >= HEALTH_WAIT_S:
+            self.database_ok = False
         ok = self.database_ok and self.served is not None
         return schemas.Health(status="ok" if ok else "degraded", database="ok" if self.database_ok else "unreachable",
                               head_set=None if self.served is None else self.served.label,
                               cached_profiles=len(self.profiles))
+
+    def _ping(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError as exc:  # any of them: the probe reports, it never fails /healthz
+            log.warning("database health probe failed: %s", type(exc).__name__)
+            return False
+        return True
 
 
 def over_length_error(fields: list[str], heads: HeadSet) -> ApiError:

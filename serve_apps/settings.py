@@ -54,6 +54,9 @@ class ServeSettings(BaseModel):
                                      "Idempotency-Key is kept for its retries (then deleted)")
     pair_cache_size: int = Field(50_000, ge=1, description="feedback pairs whose head scores are kept")
     db_timeout_s: int = Field(5, ge=1, description="connect timeout; an unreachable database fails this fast")
+    db_call_timeout_s: float = Field(10.0, gt=0, description="deadline of each database call, waiting for a "
+                                                            "connection included: past it the call answers 503 "
+                                                            "and its transaction rolls back")
 
     @field_validator("database_url")
     @classmethod

@@ -22,7 +22,7 @@ import uvicorn
 from rewardprism import store
 from rewardprism.scoring import BatchScorer, ScoredJob, ScoreJob
 from rewardprism.store.migrate import upgrade
-from test_serve import MAX_TOKENS, Service, admin_engine, backbone, db, free_port, pair, service  # noqa: F401 (fixtures)
+from test_serve import Service, admin_engine, backbone, db, free_port, pair, service  # noqa: F401 (fixtures)
 
 from serve_apps.api import create_api
 from serve_apps.service import HeadSetRef, ScoringService
@@ -45,7 +45,7 @@ def replica_b(service: Service, backbone) -> Iterator[str]:  # noqa: F811 (fixtu
     async def embed(_: HeadSetRef, job: ScoreJob) -> ScoredJob:
         return scorer.score(service.heads, [job])[0]
 
-    settings = ServeSettings(database_url=service.database, max_tokens=MAX_TOKENS, head_set=service.heads.name)
+    settings = ServeSettings(database_url=service.database, head_set=service.heads.name)
     scoring = ScoringService(settings, embed, NoMetrics())
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_api(scoring), host="127.0.0.1", port=port, log_level="warning"))

@@ -17,6 +17,7 @@ from rewardprism.cli import app
 from rewardprism.heads import HeadSet
 from rewardprism.store import (
     AuditEntry,
+    Feedback,
     InvalidApiKey,
     StoreSettings,
     make_engine,
@@ -168,3 +169,40 @@ def test_register_refuses_a_folder_whose_tensors_changed_after_saving(tmp_path: 
     assert refused.exit_code == 2 and "content hash mismatch" in refused.output
     assert ok(rp(url, "models", "list")).count("\n") == 2  # the header and its rule: nothing registered
     assert "registered drm-cli@1" in ok(rp(url, "models", "register", str(headset_dir)))  # the intact folder
+
+
+def test_export_import_round_trips_a_long_history_and_import_bounds_weights(tmp_path: Path, headset_dir: Path) -> None:
+    """An export holds a whole history, past the per-call limit on pairs; imported weights are bounded as the
+    API bounds them; metadata too deep to store is refused before anything is written."""
+    source, target = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    for url in (source, target):
+        ok(rp(url, "db", "upgrade"))
+        ok(rp(url, "models", "register", str(headset_dir), "--activate"))
+    ok(rp(source, "users", "create", "long"))
+    ok(rp(source, "users", "set-weights", "long", json.dumps([0.5] * len(HEADS))))
+    pairs = StoreSettings().limits.max_pairs_per_call + 1
+    engine = make_engine(StoreSettings.from_env(source))
+    with make_sessions(engine).begin() as session:
+        user_id = session.execute(sa.text("SELECT id FROM users WHERE external_id = 'long'")).scalar_one()
+        session.add_all(Feedback(user_id=user_id, prompt=f"q{i}", chosen="c", rejected="r", source="cli")
+                        for i in range(pairs))
+    engine.dispose()
+    exported = tmp_path / "long.json"
+    ok(rp(source, "users", "export", "long", "--output", str(exported)))
+    assert f"({pairs} feedback pairs)" in ok(rp(target, "users", "import", str(exported)))
+    again = json.loads(ok(rp(target, "users", "export", "long")))
+    original = json.loads(exported.read_text())
+    assert again["feedback"] == original["feedback"] and again["profile"]["weights"] == [0.5] * len(HEADS)
+
+    huge = {**original, "external_id": "huge", "profile": {**original["profile"], "weights": [1e308] * len(HEADS)}}
+    refused = rp(target, "users", "import", json.dumps(huge))
+    assert refused.exit_code == 2 and "1e+06" in refused.output, refused.output
+    deep = {"a": 1}
+    for _ in range(100):
+        deep = {"a": deep}
+    refused = rp(target, "users", "create", "deep", "--metadata", json.dumps(deep))
+    assert refused.exit_code == 2 and "nests deeper" in refused.output, refused.output
+    refused = rp(target, "users", "import", "[" * 50_000 + "]" * 50_000)
+    assert refused.exit_code == 2 and "nests too deeply" in refused.output, refused.output
+    listing = ok(rp(target, "users", "list"))
+    assert "huge" not in listing and "deep" not in listing

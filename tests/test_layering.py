@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE = {
-    "rewardprism", "rewardprism.config", "rewardprism.data", "rewardprism.sources", "rewardprism.synthetic",
-    "rewardprism.backbone", "rewardprism.features", "rewardprism.embed", "rewardprism.heads", "rewardprism.drm",
-    "rewardprism.adapt",
+    "rewardprism", "rewardprism.bounds", "rewardprism.config", "rewardprism.data", "rewardprism.sources",
+    "rewardprism.synthetic", "rewardprism.backbone", "rewardprism.features", "rewardprism.embed", "rewardprism.heads",
+    "rewardprism.drm", "rewardprism.adapt",
     "rewardprism.protocol", "rewardprism.calibrate", "rewardprism.evaluate", "rewardprism.vrm",
     "rewardprism.scoring", "rewardprism.train_data", "rewardprism.train_eval",
 }

@@ -701,6 +701,23 @@ def test_pool_timeout_takes_fractions_of_a_second() -> None:
     engine.dispose()
 
 
+def test_postgres_connections_carry_the_statement_and_lock_timeouts(postgres_url: str) -> None:
+    """A stuck statement or a lock held by a stalled client fails the transaction instead of hanging it."""
+    env = {"RP_DB_STATEMENT_TIMEOUT_S": "0.2", "RP_DB_LOCK_TIMEOUT_S": "0.05"}
+    engine = make_engine(StoreSettings.from_env(postgres_url, env=env))
+    try:
+        with engine.connect() as conn:
+            timeouts = [conn.exec_driver_sql(f"SHOW {name}").scalar_one() for name in ("statement_timeout",
+                                                                                      "lock_timeout")]
+            assert timeouts == ["200ms", "50ms"]
+            with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+                conn.exec_driver_sql("SELECT pg_sleep(5)")
+    finally:
+        engine.dispose()
+    with pytest.raises(InvalidInput, match="^RP_DB_LOCK_TIMEOUT_S: "):
+        StoreSettings.from_env(env={"RP_DB_LOCK_TIMEOUT_S": "-1"})
+
+
 def test_settings_from_environment_and_no_password_in_logs(caplog: pytest.LogCaptureFixture) -> None:
     env = {"DATABASE_URL": "postgresql://rp:hunter2@db.internal:5432/rp", "RP_DB_POOL_SIZE": "20",
            "RP_MAX_TEXT_CHARS": "500"}

@@ -123,7 +123,7 @@ def _read_json(source: str) -> Any:
     """JSON from a file path, from stdin for '-', or the argument itself when it is not a file."""
     if source == "-":
         text = sys.stdin.read()
-    elif Path(source).is_file():
+    elif _is_file(source):
         text = Path(source).read_text()
     else:
         text = source
@@ -131,6 +131,15 @@ def _read_json(source: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         _fail(f"not valid JSON (nor a file): {exc}")
+    except RecursionError:
+        _fail("the JSON nests too deeply to read")
+
+
+def _is_file(source: str) -> bool:
+    try:
+        return Path(source).is_file()
+    except OSError:  # e.g. inline JSON longer than a file name may be
+        return False
 
 
 def _when(value: datetime | None) -> str:

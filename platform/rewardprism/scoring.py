@@ -25,13 +25,10 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from rewardprism.backbone import Backbone
+from rewardprism.bounds import MAX_ABS_WEIGHT
 from rewardprism.data import Prompt, render
 from rewardprism.embed import EmbeddingExtractor
 from rewardprism.heads import HeadSet
-
-# Largest |weight| or |bias| a served profile may hold: with backbone features of ordinary size every score
-# stays far from float64 overflow. The API rejects larger values; a stored profile beyond it is not used.
-MAX_ABS_WEIGHT = 1e6
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

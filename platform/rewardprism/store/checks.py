@@ -7,10 +7,14 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from rewardprism.bounds import MAX_ABS_WEIGHT
 from rewardprism.store.errors import InvalidInput
 from rewardprism.store.models import HeadSetRow
 
 MAX_COUNT = 2**31 - 1  # integer columns are 32-bit on Postgres
+# Nesting of stored JSON documents: far above any real metadata, far below what JSON encoders and response
+# serializers (pydantic's stops at a few hundred levels) or Python's recursion limit can take.
+MAX_JSON_DEPTH = 32
 
 
 def text(value: object, what: str, max_chars: int, *, empty_ok: bool = True) -> str:
@@ -34,9 +38,23 @@ def _encodable(value: str) -> bool:
     return True
 
 
+def json_depth(value: object, what: str, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """Refuse `value` if its containers nest deeper than `max_depth`; iterative, so any depth is safe to check."""
+    todo: list[tuple[object, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, Mapping | list | tuple):
+            if depth > max_depth:
+                raise InvalidInput(f"{what} nests deeper than the limit of {max_depth} levels")
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return value
+
+
 def json_doc(value: object, what: str, max_bytes: int) -> dict[str, Any]:
+    """A JSON object the store can keep and every reader can serialize again: bounded in depth and size."""
     if not isinstance(value, Mapping):
         raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
+    json_depth(value, what)
     try:  # UnicodeEncodeError (a lone surrogate) is a ValueError
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
         size = len(text.encode())
@@ -49,18 +67,35 @@ def json_doc(value: object, what: str, max_bytes: int) -> dict[str, Any]:
     return dict(value)
 
 
-def finite(value: object, what: str) -> float:
+def readable_json(value: object, what: str) -> tuple[dict[str, Any], str | None]:
+    """A stored JSON object as readers may show it: itself, or `{}` and why not (a row written by an older
+    version without the depth check must not break listings and exports)."""
+    try:
+        return dict(json_depth(value, what)), None  # type: ignore[call-overload]
+    except (InvalidInput, TypeError, ValueError) as exc:
+        return {}, f"not shown: {exc}"
+
+
+def finite(value: object, what: str, bound: float = math.inf) -> float:
+    """A finite float, at most `bound` in absolute value."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy scalars are Real too
         raise InvalidInput(f"{what} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise InvalidInput(f"{what} must be finite, got {value}")
+    if abs(value) > bound:
+        raise InvalidInput(f"{what} must be from {-bound:g} to {bound:g}, got {value:g}")
     return float(value)
 
 
+def weight(value: object, what: str) -> float:
+    """A profile's weight or bias: finite and within the bound the API and scoring use."""
+    return finite(value, what, MAX_ABS_WEIGHT)
+
+
 def vector(values: Iterable[object], head_set: HeadSetRow | int, what: str = "weights") -> list[float]:
-    """Finite floats, one per head of `head_set` (or a count, while the head set is being registered)."""
+    """Weights (`weight`), one per head of `head_set` (or a count, while the head set is being registered)."""
     try:
-        vector = [finite(v, f"{what}[{i}]") for i, v in enumerate(values)]
+        vector = [weight(v, f"{what}[{i}]") for i, v in enumerate(values)]
     except TypeError:
         raise InvalidInput(f"{what} must be a list of numbers") from None
     expected = head_set if isinstance(head_set, int) else head_set.num_heads

@@ -38,6 +38,10 @@ class StoreSettings(BaseModel):
     pool_size: int = Field(5, ge=1)
     max_overflow: int = Field(10, ge=0)
     pool_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)  # also SQLite's busy timeout
+    # Postgres cancels a statement running longer, or waiting for a lock longer, than this (0: never), so a
+    # stuck query or a lock held by a stalled client fails the transaction instead of hanging its caller.
+    statement_timeout_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+    lock_timeout_s: float = Field(10.0, ge=0, allow_inf_nan=False)
     limits: Limits = DEFAULT_LIMITS
 
     @field_validator("database_url")
@@ -62,7 +66,8 @@ class StoreSettings(BaseModel):
 
 
 ENV = {"database_url": "DATABASE_URL", "pool_size": "RP_DB_POOL_SIZE", "max_overflow": "RP_DB_MAX_OVERFLOW",
-       "pool_timeout_s": "RP_DB_POOL_TIMEOUT_S"}
+       "pool_timeout_s": "RP_DB_POOL_TIMEOUT_S", "statement_timeout_s": "RP_DB_STATEMENT_TIMEOUT_S",
+       "lock_timeout_s": "RP_DB_LOCK_TIMEOUT_S"}
 LIMITS_ENV = {field: f"RP_{field.upper()}" for field in Limits.model_fields}  # max_text_chars: RP_MAX_TEXT_CHARS
 
 

@@ -20,7 +20,8 @@ T = TypeVar("T")
 
 
 def make_engine(settings: StoreSettings) -> sa.Engine:
-    """A pooled engine; on SQLite also foreign keys (for ON DELETE CASCADE) and write-locking transactions."""
+    """A pooled engine; on Postgres with statement and lock timeouts on every connection, on SQLite with
+    foreign keys (for ON DELETE CASCADE) and write-locking transactions."""
     url = sa.make_url(settings.database_url)
     log.info("store database: %s", safe_url(url))
     if url.get_backend_name() != "sqlite":
@@ -30,6 +31,8 @@ def make_engine(settings: StoreSettings) -> sa.Engine:
             max_overflow=settings.max_overflow,
             pool_timeout=settings.pool_timeout_s,
             pool_pre_ping=True,  # a restarted server leaves dead pooled connections behind
+            connect_args={"options": f"-c statement_timeout={round(settings.statement_timeout_s * 1000)} "
+                                     f"-c lock_timeout={round(settings.lock_timeout_s * 1000)}"},
         )
     engine = sa.create_engine(url, connect_args={"timeout": settings.pool_timeout_s})
     sa.event.listen(engine, "connect", _sqlite_connect)

@@ -23,17 +23,20 @@ from rewardprism.store.profiles import (
 from rewardprism.store.users import create_user, get_user
 
 EXPORT_FORMAT = "rewardprism.user/1"
+IMPORT_BATCH = 1_000  # feedback pairs checked and written at a time by an import
 
 
 def export_user(session: Session, external_id: str) -> dict[str, Any]:
     """The user, their profile and feedback as plain JSON (API keys stay: they belong to a deployment)."""
     user = get_user(session, external_id)
     profile = user.profile
+    metadata, metadata_error = checks.readable_json(user.meta, "metadata")
     return {
         "format": EXPORT_FORMAT,
         "external_id": user.external_id,
         "display_name": user.display_name,
-        "metadata": user.meta,
+        "metadata": metadata,
+        **({} if metadata_error is None else {"metadata_error": metadata_error}),
         "disabled": user.disabled,
         "created_at": user.created_at.isoformat(),
         "profile": None if profile is None else {
@@ -53,17 +56,19 @@ def export_user(session: Session, external_id: str) -> dict[str, Any]:
 
 
 def import_user(session: Session, data: Mapping[str, Any], *, limits: Limits = DEFAULT_LIMITS) -> User:
-    """Recreate a user from `export_user` output; every part is checked before the first row is written."""
+    """Recreate a user from `export_user` output, however long their history, in the caller's transaction.
+
+    The per-call limit on pairs does not apply: an export holds a whole history. Feedback is checked and
+    written `IMPORT_BATCH` pairs at a time; any error raises InvalidInput and the caller's rollback leaves
+    nothing behind.
+    """
     if not isinstance(data, Mapping) or data.get("format") != EXPORT_FORMAT:
         raise InvalidInput(f"not a user export: expected an object with format {EXPORT_FORMAT!r}")
+    checks.json_depth(data, "the export", checks.MAX_JSON_DEPTH + 1)  # its metadata sits one level down
     try:
-        feedback = list(data["feedback"])
-        if len(feedback) > limits.max_pairs_per_call:
-            raise InvalidInput(f"the export has {len(feedback)} pairs, over {limits.max_pairs_per_call}")
-        rows = [feedback_row(FeedbackPair(f["prompt"], f["chosen"], f["rejected"], f["source"]), limits)
-                for f in feedback]
-        for i, (row, f) in enumerate(zip(rows, feedback)):
-            row.created_at = _timestamp(f["created_at"], f"feedback[{i}].created_at")
+        feedback = data["feedback"]
+        if not isinstance(feedback, list):
+            raise InvalidInput(f"feedback must be a list, got {type(feedback).__name__}")
         created_at = _timestamp(data["created_at"], "created_at")
         external_id, display_name, metadata = data["external_id"], data["display_name"], data["metadata"]
         saved, disabled = data["profile"], data["disabled"]
@@ -81,23 +86,38 @@ def import_user(session: Session, data: Mapping[str, Any], *, limits: Limits = D
             if isinstance(n_pairs, bool) or not isinstance(n_pairs, int):
                 raise InvalidInput(f"profile.n_pairs must be an integer, got {n_pairs!r}")
             checked_update(update, head_set, n_pairs)
+        user = create_user(session, external_id, display_name=display_name, metadata=metadata, limits=limits)
+        user.created_at = created_at
+        if update is not None:
+            write_profile(session, user, None, update, n_pairs=n_pairs)
+        for start in range(0, len(feedback), IMPORT_BATCH):
+            _import_feedback(session, user.id, feedback, start, limits)
     except InvalidInput:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInput(f"user export is missing or mangles a field: {exc!r}") from None
-
-    user = create_user(session, external_id, display_name=display_name, metadata=metadata, limits=limits)
-    user.created_at = created_at
-    if update is None:
-        for row in rows:
-            row.user_id = user.id
-        session.add_all(rows)
-    else:
-        write_profile(session, user, None, update, n_pairs=n_pairs, new_feedback=rows)
     user.disabled = disabled
     session.flush()
     return user
 
+
+def _import_feedback(session: Session, user_id: int, feedback: list[Any], start: int, limits: Limits) -> None:
+    """Check and write `feedback[start:start + IMPORT_BATCH]`, then let the session forget the rows."""
+    rows = []
+    for i, f in enumerate(feedback[start:start + IMPORT_BATCH], start):
+        if not isinstance(f, Mapping):
+            raise InvalidInput(f"feedback[{i}] must be an object")
+        try:
+            row = feedback_row(FeedbackPair(f["prompt"], f["chosen"], f["rejected"], f["source"]), limits)
+        except InvalidInput as exc:
+            raise InvalidInput(f"feedback[{i}]: {exc}") from None
+        row.created_at = _timestamp(f["created_at"], f"feedback[{i}].created_at")
+        row.user_id = user_id
+        rows.append(row)
+    session.add_all(rows)
+    session.flush()
+    for row in rows:
+        session.expunge(row)
 
 
 def _timestamp(value: object, what: str) -> datetime:

@@ -100,7 +100,7 @@ def checked_update(
     if n_pairs is not None and not 0 <= n_pairs <= checks.MAX_COUNT:
         raise InvalidInput(f"n_pairs must be from 0 to {checks.MAX_COUNT}, got {n_pairs}")
     method = checks.choice(update.method, "method", PROFILE_METHODS)
-    return checks.vector(update.weights, head_set), checks.finite(update.bias, "bias"), method
+    return checks.vector(update.weights, head_set), checks.weight(update.bias, "bias"), method
 
 
 def write_profile(
