@@ -26,10 +26,11 @@ def authorize_admin(caller: data.Caller) -> None:
 
 
 def user_out(user: store.User, served: ServedHeads | None) -> schemas.UserOut:
+    """The user with the profile the service scores them with: the one over the served head set."""
+    profile = user.profile if served is None else user.profile_on(served.row_id)
     return schemas.UserOut(external_id=user.external_id, display_name=user.display_name, metadata=user.meta,
                            disabled=user.disabled, created_at=user.created_at,
-                           profile=None if user.profile is None else profile_out(user.external_id, user.profile,
-                                                                                served))
+                           profile=None if profile is None else profile_out(user.external_id, profile, served))
 
 
 def head_set_out(row: store.HeadSetRow) -> schemas.HeadSetOut:
@@ -116,7 +117,7 @@ class AdminOperations:
         def save(session: Session) -> schemas.ProfileOut:
             expected = body.expected_version
             if expected is None:
-                current = store.get_user(session, user).profile
+                current = store.get_user(session, user).profile_on(served.row_id)
                 expected = None if current is None else current.version
             row = store.save_profile(session, user, body.weights, bias=body.bias, method="manual",
                                      expected_version=expected, head_set=session.get(store.HeadSetRow, served.row_id))

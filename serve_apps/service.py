@@ -154,6 +154,7 @@ class ScoringService:
         self.db = ThreadPoolExecutor(store_settings.pool_size + store_settings.max_overflow,
                                      thread_name_prefix="rewardprism-db")
         self.profiles = ProfileCache(settings.profile_cache_size)
+        # Keyed by (head-set row id, user): a replica looks up the profile over the head set it serves.
         self.revisions = Coalesced(self.read, data.current_revisions)  # (user exists, profile version, created)
         self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
         self.keys: LruCache[str, tuple[data.Caller, float]] = LruCache(10_000)  # sha256(token) → caller, when
@@ -314,11 +315,11 @@ class ScoringService:
         # With something cached to fall back on, a slow check is not waited for; without, it is.
         timeout = self.settings.version_check_timeout_s if self.profiles.latest(user) is not None else None
         try:
-            revision = await self.revisions(user, timeout)
+            revision = await self.revisions((served.row_id, user), timeout)
             state = self.profiles.get(user, revision)
             self.metrics.cache("miss" if state is None else "hit")
             if state is None:
-                state = await self.states(user)
+                state = await self.states((served.row_id, user))
                 self.profiles.put(user, state)
         except (Unavailable, TimeoutError):  # unreachable or too slow: the last state this replica saw, if any
             state, stale = self.profiles.latest(user), True
@@ -432,10 +433,10 @@ class ScoringService:
             profile = Profile(np.asarray(weights, dtype=np.float64), float(bias), served.heads.content_hash)
             if profile.problem(served.heads) is not None:
                 raise ValueError(f"adaptation ({method}) gave unusable weights for user {user!r}")
-            return ProfileUpdate(profile.weights.tolist(), STORED_METHOD[method], profile.bias, head_set_row)
+            return ProfileUpdate(profile.weights.tolist(), STORED_METHOD[method], profile.bias)
 
         store.get_or_create_user(session, user, limits=self.limits)
-        row = store.append_feedback_and_update_profile(session, user, pairs, adapt, limits=self.limits)
+        row = store.append_feedback_and_update_profile(session, user, pairs, adapt, head_set_row, limits=self.limits)
         return data.to_profile(row), profile_out(user, row, served)
 
     async def _pair_scores(self, served: ServedHeads, pairs: Sequence[FeedbackPair],
@@ -470,8 +471,9 @@ class ScoringService:
 
     async def profile(self, caller: data.Caller, user: str) -> schemas.ProfileOut:
         self.authorize(caller, "score", user)
-        served = self.served
-        return await self.read(lambda session: profile_out(user, store.get_user(session, user).profile, served))
+        served = self.heads()
+        return await self.read(lambda session: profile_out(
+            user, store.get_user(session, user).profile_on(served.row_id), served))
 
     # ------------------------------------------------------------------------------------------ health
 

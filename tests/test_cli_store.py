@@ -21,6 +21,7 @@ from rewardprism.store import (
     StoreSettings,
     make_engine,
     make_sessions,
+    migrate,
     verify_api_key,
 )
 from typer.testing import CliRunner
@@ -51,7 +52,7 @@ def test_admin_workflow_on_sqlite(tmp_path: Path, headset_dir: Path) -> None:
     url = f"sqlite:///{tmp_path / 'admin.db'}"
     behind = rp(url, "db", "current")
     assert behind.exit_code == 1 and "rewardprism db upgrade" in behind.output
-    assert "at revision 0001" in ok(rp(url, "db", "upgrade"))
+    assert f"at revision {migrate.head_revision()}" in ok(rp(url, "db", "upgrade"))
     registered = ok(rp(url, "models", "register", str(headset_dir), "--activate"))
     assert "registered drm-cli@1 (drm, 6 heads) - active" in registered
     listing = ok(rp(url, "models", "list"))
@@ -150,7 +151,7 @@ def test_console_script_reads_database_url_from_the_environment(tmp_path: Path) 
     done = subprocess.run([script, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "env.db is at revision 0001" in done.stdout
+    assert f"env.db is at revision {migrate.head_revision()}" in done.stdout
 
 
 def test_register_refuses_a_folder_whose_tensors_changed_after_saving(tmp_path: Path, headset_dir: Path) -> None:

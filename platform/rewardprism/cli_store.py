@@ -318,7 +318,7 @@ def users_set_weights(
             if unknown:
                 _fail(f"no heads named {sorted(unknown)} in {heads.label}")
             value = [value.get(name, 0.0) for name in heads.head_names]
-        current = user.profile.version if user.profile else None
+        current = profile.version if (profile := user.profile_on(heads.id)) else None
         profile = save_profile(session, external_id, value, method="manual", bias=bias, head_set=heads,
                                expected_version=current if expected_version is None else expected_version)
         _audit(ctx, session, "users.set-weights", external_id, head_set=heads.label, version=profile.version)
