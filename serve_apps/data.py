@@ -49,9 +49,10 @@ def read_user_states(session: Session, keys: list[UserOnHeadSet]) -> dict[UserOn
         .outerjoin(HeadSetRow, HeadSetRow.id == ProfileRow.head_set_id)).all()
     found: dict[UserOnHeadSet, UserState] = {}
     for user, head_set_id, version, created_at, weights, bias, content_hash in rows:
-        found.setdefault((head_set_id, user), UserState(True, Profile(
-            np.asarray(weights, dtype=np.float64), float(bias), content_hash, version, created_at)))
-        found.setdefault((None, user), UserState(True))
+        found[(None, user)] = UserState(True)  # known, whatever profiles they have
+        if version is not None:
+            found[(head_set_id, user)] = UserState(True, Profile(
+                np.asarray(weights, dtype=np.float64), float(bias), content_hash, version, created_at))
     return {key: found.get(key) or found.get((None, key[1]), UserState(False)) for key in keys}
 
 
@@ -62,8 +63,9 @@ def current_revisions(session: Session, keys: list[UserOnHeadSet]) -> dict[UserO
         sa.select(User.external_id, ProfileRow.head_set_id, ProfileRow.version, ProfileRow.created_at), keys)).all()
     found: dict[tuple[int | None, str], Revision] = {}
     for user, head_set_id, version, created_at in rows:
-        found[(head_set_id, user)] = (True, version, created_at)
-        found.setdefault((None, user), (True, None, None))
+        found[(None, user)] = (True, None, None)
+        if version is not None:
+            found[(head_set_id, user)] = (True, version, created_at)
     return {key: found.get(key) or found.get((None, key[1]), (False, None, None)) for key in keys}
 
 

@@ -32,9 +32,9 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import sqlalchemy as sa
 from rewardprism import store
-from rewardprism.adapt import adapt_profile
 from rewardprism.data import Prompt
 from rewardprism.heads import HeadSet
+from rewardprism.migrate_profiles import adapt_on_head_set
 from rewardprism.scoring import (
     LruCache,
     Profile,
@@ -46,6 +46,7 @@ from rewardprism.scoring import (
     preference_probability,
 )
 from rewardprism.store import Feedback, FeedbackPair, ProfileUpdate
+from rewardprism.store.rollout import STORED_METHOD
 from sqlalchemy.orm import Session
 
 from serve_apps import data, schemas
@@ -58,9 +59,6 @@ T = TypeVar("T")
 # The caller behind REWARDPRISM_ADMIN_KEY; "env:admin" is what the audit log records as its key.
 BOOTSTRAP_ADMIN = data.Caller("env:admin", frozenset({"admin"}), None)
 FEEDBACK_ATTEMPTS = 20  # transactions tried per feedback call before answering 409
-# The stored method of each adaptation method: adapt's `default` shrinks toward the population profile, stored as
-# "shrink" (the stored "default" is store.POPULATION_METHOD: the head set's population weights, as after a reset).
-STORED_METHOD = {"default": "shrink", "hyre": "hyre", "bt": "bt"}
 # A dropped or refused connection, a pool that cannot hand one out: the database is unreachable, not wrong.
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 CONFLICT = "a concurrent change conflicts with this one; retry"  # 409: another writer got there first
@@ -428,9 +426,8 @@ class ScoringService:
             # plain Bradley-Terry resumes Newton from the current weights (a step or two)
             warm = current is not None and current.head_set_id == served.row_id and method == "bt"
             opts = {"init": np.asarray(current.weights)} if warm else {}
-            weights, bias = adapt_profile(scores[:, 0], scores[:, 1], served.heads.default_weights, method=method,
-                                          center=served.heads.hyperprior_center, **opts)
-            profile = Profile(np.asarray(weights, dtype=np.float64), float(bias), served.heads.content_hash)
+            weights, bias = adapt_on_head_set(served.heads, [scores], method, **opts)  # as a migration adapts
+            profile = Profile(np.asarray(weights[0], dtype=np.float64), float(bias[0]), served.heads.content_hash)
             if profile.problem(served.heads) is not None:
                 raise ValueError(f"adaptation ({method}) gave unusable weights for user {user!r}")
             return ProfileUpdate(profile.weights.tolist(), STORED_METHOD[method], profile.bias)
