@@ -82,11 +82,12 @@ def _batches(sessions: sessionmaker, head_set_id: int, batch_users: int) -> Iter
     """Batches of behind users' pairs, by user id ascending, each read in a short read-only transaction."""
     after = 0
     while True:
-        with sessions() as session:
+        with sessions() as session:  # closed before the caller writes: SQLite has one writer, and no open reader
             ids = [row[0] for row in session.execute(_behind(head_set_id, after, batch_users))]
-            if not ids:
-                return
-            yield _feedback_by_user(session, ids)
+            pairs = _feedback_by_user(session, ids) if ids else {}
+        if not ids:
+            return
+        yield pairs
         after = ids[-1]
 
 
@@ -95,8 +96,9 @@ def _write_batch(session: Session, head_set: HeadSetRow, user_pairs: dict[int, l
     """Write each user's profile unless their feedback moved since it was read; the number written."""
     ids = list(user_pairs)
     position = {user_id: i for i, user_id in enumerate(ids)}
-    counts = dict(session.execute(sa.select(Feedback.user_id, sa.func.count(Feedback.id))
-                                  .where(Feedback.user_id.in_(ids)).group_by(Feedback.user_id)).tuples())
+    counts = {user_id: n for user_id, n in session.execute(
+        sa.select(Feedback.user_id, sa.func.count(Feedback.id)).where(Feedback.user_id.in_(ids))
+        .group_by(Feedback.user_id))}
     users = session.scalars(sa.select(User).where(User.id.in_(ids))
                             .options(selectinload(User.profiles).joinedload(ProfileRow.head_set))).all()
     written = 0
