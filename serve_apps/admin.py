@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from rewardprism import store
 from rewardprism.heads import HeadSet
@@ -45,11 +45,20 @@ def key_out(key: store.ApiKey) -> schemas.KeyOut:
                           revoked_at=key.revoked_at)
 
 
+class Migrations(Protocol):
+    """Where profile migrations run (`serve_apps.migration`: detached Ray actors); each call returns a status."""
+
+    async def start(self, name: str, version: str, database_url: str, head_set_row_id: int, uri: str,
+                    max_tokens: int, method: str) -> dict[str, Any]: ...
+
+    async def status(self, name: str, version: str) -> dict[str, Any] | None: ...
+
+
 class AdminOperations:
     """What the /admin routes do, as methods over the service (`create_api` makes one per service)."""
 
-    def __init__(self, service: ScoringService):
-        self.service = service
+    def __init__(self, service: ScoringService, migrations: Migrations | None = None):
+        self.service, self.migrations = service, migrations
 
     async def _audited(self, caller: data.Caller, action: str, target: str, work: Callable[[Session], T],
                        details: dict[str, Any] | None = None) -> T:
@@ -152,6 +161,29 @@ class AdminOperations:
             store.activate_head_set(session, name, version)))
         await self.service.refresh()
         return out
+
+    async def start_migration(self, caller: data.Caller, name: str, version: str) -> schemas.MigrationOut:
+        """Re-adapt every user with feedback onto the version, in the background (see `rewardprism models
+        migrate`); the status of the run, a running one if there is one."""
+        migrations = self._migrations(caller)
+        row_id, uri = await self._audited(caller, "head_set.migrate", f"{name}@{version}", lambda session: (
+            (row := store.get_head_set(session, name, version)).id, row.uri))
+        settings = self.service.settings
+        state = await migrations.start(name, version, settings.database_url.get_secret_value(), row_id, uri,
+                                       settings.max_tokens, settings.adaptation)
+        return schemas.MigrationOut(name=name, version=version, **state)
+
+    async def migration_status(self, caller: data.Caller, name: str, version: str) -> schemas.MigrationOut:
+        state = await self._migrations(caller).status(name, version)
+        if state is None:
+            raise ApiError(404, f"no migration onto {name}@{version} was started on this cluster")
+        return schemas.MigrationOut(name=name, version=version, **state)
+
+    def _migrations(self, caller: data.Caller) -> Migrations:
+        authorize_admin(caller)
+        if self.migrations is None:
+            raise ApiError(501, "this service runs no migrations: use `rewardprism models migrate`")
+        return self.migrations
 
     async def create_key(self, caller: data.Caller, body: schemas.KeyCreate) -> schemas.KeyCreated:
         def create(session: Session) -> schemas.KeyCreated:

@@ -14,7 +14,7 @@ from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_apps import schemas
-from serve_apps.admin import AdminOperations
+from serve_apps.admin import AdminOperations, Migrations
 from serve_apps.data import Caller
 from serve_apps.service import ApiError, ScoringService
 
@@ -55,12 +55,16 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def create_api(service: ScoringService) -> FastAPI:
+HeadSetName = Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)]
+HeadSetVersion = Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)]
+
+
+def create_api(service: ScoringService, migrations: Migrations | None = None) -> FastAPI:
     api = FastAPI(title="RewardPrism", version="1",
                   description="Personalized reward scores: one backbone pass shared by all users, each user's "
                               "own weights over the served head set. See docs/serve.md.")
     api.state.service = service
-    admin = AdminOperations(service)
+    admin = AdminOperations(service, migrations)
     api.add_middleware(BodyLimit, service=service)
 
     @api.exception_handler(RequestValidationError)
@@ -157,11 +161,22 @@ def create_api(service: ScoringService) -> FastAPI:
         return await admin.register_head_set(who, body)
 
     @api.post("/admin/head-sets/{name}/{version}/activate", response_model=schemas.HeadSetOut, tags=["admin"])
-    async def activate_head_set(name: Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)],
-                                version: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)],
-                                who: Auth) -> schemas.HeadSetOut:
-        """Serve this version of `name` from now on (profiles over another version fall back to the default)."""
+    async def activate_head_set(name: HeadSetName, version: HeadSetVersion, who: Auth) -> schemas.HeadSetOut:
+        """Serve this version of `name` from now on, with users' profiles over it (migrate first: users
+        without one get its default weights)."""
         return await admin.activate_head_set(who, name, version)
+
+    @api.post("/admin/head-sets/{name}/{version}/migrate", response_model=schemas.MigrationOut, status_code=202,
+              tags=["admin"])
+    async def migrate_head_set(name: HeadSetName, version: HeadSetVersion, who: Auth) -> schemas.MigrationOut:
+        """Re-adapt every user with feedback onto this version in the background (a detached Ray actor), as
+        `rewardprism models migrate` does; a rerun resumes. Activate once GET says `done`."""
+        return await admin.start_migration(who, name, version)
+
+    @api.get("/admin/head-sets/{name}/{version}/migrate", response_model=schemas.MigrationOut, tags=["admin"])
+    async def migration_status(name: HeadSetName, version: HeadSetVersion, who: Auth) -> schemas.MigrationOut:
+        """The migration's progress: users done of total, pairs per second, ETA."""
+        return await admin.migration_status(who, name, version)
 
     @api.post("/admin/keys", response_model=schemas.KeyCreated, status_code=201, tags=["admin"])
     async def create_key(body: schemas.KeyCreate, who: Auth) -> schemas.KeyCreated:

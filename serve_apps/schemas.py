@@ -212,6 +212,20 @@ class HeadSetOut(BaseModel):
     created_at: datetime
 
 
+class MigrationOut(BaseModel):
+    """A profile migration onto a head-set version (`rewardprism models migrate`, run as a Ray actor)."""
+
+    name: str
+    version: str
+    state: Literal["starting", "running", "done", "failed"]
+    users_done: int
+    users_total: int | None  # users behind when it started (None until it has counted them)
+    pairs: int
+    pairs_per_s: float
+    eta_s: float | None
+    error: str | None
+
+
 class KeyCreate(Body):
     scopes: list[Literal["score", "feedback", "admin"]] = Field(min_length=1, max_length=3)
     user_id: UserId | None = Field(None, description="bind the key to this user: it then acts only for them")

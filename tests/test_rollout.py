@@ -1,4 +1,5 @@
-"""Rolling users onto a new head set: migrate, shadow report, activate, roll back — on SQLite through the CLI.
+"""Rolling users onto a new head set: migrate, shadow report, activate, roll back — on SQLite through the CLI,
+and on Postgres through the service's HTTP API (the migration running as a Ray actor).
 
 Users send feedback on version 1 (stored and adapted as the service does); version 2 is registered and every
 user is migrated onto it; each v2 profile must equal an adaptation of the user's feedback computed here, offline,
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_serve
 from head_sets_for_tests import expected_head_scores, random_head_set
 from rewardprism.adapt import adapt_profile
-from rewardprism.backbone import load_backbone
 from rewardprism.embed import EmbeddingExtractor
 from rewardprism.heads import HeadSet
 from rewardprism.migrate_profiles import adapt_on_head_set, scores_per_user
@@ -33,14 +34,12 @@ from rewardprism.store import (
 )
 from rewardprism.store.rollout import migrate_profiles
 from test_cli_store import ok, rp
+from test_serve import wait_for
 
+# test_serve's fixtures: a Serve app over Postgres and the tiny backbone it embeds with
+admin_engine, backbone, service = test_serve.admin_engine, test_serve.backbone, test_serve.service
 USERS = 6
 PAIRS = 6  # per user: enough for the shadow report's 5 folds
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("tiny-bert", device="cpu", max_length=64)
 
 
 def head_sets(dim: int, root: Path) -> dict[str, Path]:
@@ -191,3 +190,49 @@ def test_feedback_sent_during_a_migration_is_in_the_final_profile(rollout, backb
             feedback = list_feedback(s, user)
             assert profile.n_pairs == len(feedback) == PAIRS + 1
             np.testing.assert_allclose(profile.weights, offline_profile(backbone, v2, feedback), atol=1e-5)
+
+
+@pytest.mark.postgres
+def test_rollout_over_http_on_postgres(service, backbone, tmp_path: Path) -> None:
+    """Feedback over HTTP on v1 → register v2 → migrate (a Ray actor) → report → activate → every user is
+    served a v2 profile equal to an offline adaptation → roll back → the v1 profiles are served again."""
+    v1 = service.heads
+    v2 = HeadSet(2 * v1.weight, v1.bias, v1.head_names, "drm", v1.backbone, v1.default_weights, version="2",
+                 info=dict(v1.info))
+    users = [f"roll-{i}" for i in range(4)]
+    with service.client(service.keys.client) as http:
+        for u, user in enumerate(users):
+            pairs = [pair(u, i) for i in range(PAIRS)]
+            sent = http.post(f"/v1/users/{user}/feedback", json={"pairs": [
+                {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]})
+            assert sent.status_code == 200, sent.text
+        before = {user: http.get(f"/v1/users/{user}/profile").json() for user in users}
+    with service.client(service.keys.admin) as admin:
+        assert admin.post("/admin/head-sets", json={"uri": str(v2.save(tmp_path / "v2"))}).status_code == 201
+        assert admin.get("/admin/head-sets/default/2/migrate").status_code == 404
+        started = admin.post("/admin/head-sets/default/2/migrate")
+        assert started.status_code == 202, started.text
+        done = wait_for(lambda: (s := admin.get("/admin/head-sets/default/2/migrate").json())["state"]
+                        in ("done", "failed") and s, timeout=120)
+        assert done and done["state"] == "done" and done["users_done"] >= len(users), done
+        report = ok(rp(service.database, "models", "report", "default", "2"))
+        assert "population acc." in report
+        try:
+            assert admin.post("/admin/head-sets/default/2/activate").status_code == 200
+            with service.client(service.keys.client) as http:
+                assert wait_for(lambda: all(http.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
+                                            ["head_set"] == "default@2" for _ in range(8)))
+                for u, user in enumerate(users):
+                    served = http.get(f"/v1/users/{user}/profile").json()
+                    assert served["head_set"] == "default@2" and served["n_pairs"] == PAIRS
+                    np.testing.assert_allclose(
+                        served["weights"], offline_profile(backbone, v2, [pair(u, i) for i in range(PAIRS)]),
+                        atol=1e-4)
+                    scored = http.post("/v1/score", json={"user_id": user, "prompt": "p", "responses": ["r"]})
+                    assert scored.json()["profile"]["source"] == "user"
+        finally:
+            assert admin.post("/admin/head-sets/default/1/activate").status_code == 200
+        with service.client(service.keys.client) as http:
+            assert wait_for(lambda: all(http.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
+                                        ["head_set"] == "default@1" for _ in range(8)))
+            assert {user: http.get(f"/v1/users/{user}/profile").json() for user in users} == before
