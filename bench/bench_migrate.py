@@ -37,6 +37,7 @@ from rewardprism.data import render  # noqa: E402
 from rewardprism.embed import EmbeddingExtractor  # noqa: E402
 from rewardprism.heads import HeadSet  # noqa: E402
 from rewardprism.migrate_profiles import adapt_on_head_set, scores_per_user  # noqa: E402
+from rewardprism.store import migrate  # noqa: E402
 from rewardprism.store.models import Feedback, HeadSetRow, ProfileRow, User  # noqa: E402
 from rewardprism.store.rollout import _batches, _write_batch  # noqa: E402
 
@@ -61,6 +62,7 @@ def database(url: str | None) -> tuple[str, str | None]:
 
 def seed(url: str, users: int, pairs: int, folders: list[Path]) -> None:
     rng = np.random.default_rng(0)
+    migrate.upgrade(url)
     engine = store.make_engine(store.StoreSettings.from_env(url))
     with store.make_sessions(engine).begin() as s:
         for i, folder in enumerate(folders):
@@ -136,9 +138,12 @@ def main() -> None:
             seed(url, users, opts.pairs, folders)
             seconds, peak = timed_run(url)
             rows[users] = (seconds, peak, url, dropped)
-        finally:
-            if users != opts.users and dropped:
+        except BaseException:
+            if dropped:
                 drop(dropped)
+            raise
+        if users != opts.users and dropped:
+            drop(dropped)
     seconds, peak, url, dropped = rows[opts.users]
     n_pairs = opts.users * opts.pairs
     try:
@@ -186,8 +191,8 @@ def main() -> None:
     quarter_peak = rows[quarter][1]
     body = f"""{opts.users} users × {opts.pairs} synthetic pairs ({n_pairs} pairs, {2 * n_pairs} texts), \
 {opts.backbone} (max 128 tokens), 16 heads, database `{url.split(':')[0]}`, migrations in their own process \
-(2 threads), batches of 32 users. Reduced from the issue's 100,000 users to fit a shared 2-core machine. Load average (1 min) \
-{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores.
+(2 threads), batches of 32 users. Reduced from the issue's 100,000 users to fit a shared 2-core machine. \
+Load average (1 min) {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores.
 
 | measure | value |
 |---|---|

@@ -21,6 +21,7 @@ from rewardprism.adapt import Method
 from rewardprism.embed import EmbeddingExtractor
 from rewardprism.heads import HeadSet
 from rewardprism.migrate_profiles import PairText, ShadowReport, adapt_on_head_set, scores_per_user, shadow_evaluate
+from rewardprism.store.errors import ProfileConflict
 from rewardprism.store.models import Feedback, HeadSetRow, ProfileRow, User
 from rewardprism.store.profiles import ProfileUpdate, write_profile
 
@@ -130,9 +131,12 @@ def migrate_profiles(sessions: sessionmaker, head_set_row_id: int, heads: HeadSe
         for user_pairs in _batches(sessions, head_set_row_id, batch_users):
             weights, bias = adapt_on_head_set(heads, scores_per_user(heads, extractor, list(user_pairs.values())),
                                               method)
-            with sessions.begin() as session:
-                written = _write_batch(session, session.get(HeadSetRow, head_set_row_id), user_pairs, weights,
-                                       bias, stored_method)
+            try:
+                with sessions.begin() as session:
+                    written = _write_batch(session, session.get(HeadSetRow, head_set_row_id), user_pairs, weights,
+                                           bias, stored_method)
+            except ProfileConflict:  # the service wrote one of these profiles meanwhile: the next pass redoes them
+                written = 0
             written_this_pass += written
             state.done += written
             state.pairs += sum(map(len, user_pairs.values()))
