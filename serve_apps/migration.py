@@ -20,7 +20,7 @@ def actor_name(name: str, version: str) -> str:
     return f"migrate:{name}@{version}"
 
 
-@ray.remote(num_cpus=1, max_restarts=0)
+@ray.remote(num_cpus=0.5, max_restarts=0)  # beside the replicas on a small machine
 class MigrationJob:
     def __init__(self, database_url: str, head_set_row_id: int, uri: str, max_tokens: int, method: str):
         self.state: dict[str, Any] = {"state": "starting", "users_done": 0, "users_total": None, "pairs": 0,
