@@ -156,7 +156,15 @@ class AdminOperations:
         await self.service.refresh()
         return out
 
-    async def activate_head_set(self, caller: data.Caller, name: str, version: str) -> schemas.HeadSetOut:
+    async def activate_head_set(self, caller: data.Caller, name: str, version: str,
+                                require_no_regression: bool = False) -> schemas.HeadSetOut:
+        if require_no_regression:
+            state = await self._migrations(caller).status(name, version)
+            if state is None or state["state"] != "done" or state["regressions"] is None:
+                raise ApiError(409, f"no finished migration onto {name}@{version} with a shadow evaluation: "
+                                    f"POST /admin/head-sets/{name}/{version}/migrate and wait until it is done")
+            if state["regressions"]:
+                raise ApiError(409, f"not activating {name}@{version}: " + "; ".join(state["regressions"]))
         out = await self._audited(caller, "head_set.activate", f"{name}@{version}", lambda session: head_set_out(
             store.activate_head_set(session, name, version)))
         await self.service.refresh()

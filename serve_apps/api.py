@@ -161,10 +161,12 @@ def create_api(service: ScoringService, migrations: Migrations | None = None) ->
         return await admin.register_head_set(who, body)
 
     @api.post("/admin/head-sets/{name}/{version}/activate", response_model=schemas.HeadSetOut, tags=["admin"])
-    async def activate_head_set(name: HeadSetName, version: HeadSetVersion, who: Auth) -> schemas.HeadSetOut:
+    async def activate_head_set(name: HeadSetName, version: HeadSetVersion, who: Auth,
+                                require_no_regression: bool = False) -> schemas.HeadSetOut:
         """Serve this version of `name` from now on, with users' profiles over it (migrate first: users
-        without one get its default weights)."""
-        return await admin.activate_head_set(who, name, version)
+        without one get its default weights). `require_no_regression`: 409 unless the version's finished
+        migration's shadow evaluation passes the gate (the reasons in the message)."""
+        return await admin.activate_head_set(who, name, version, require_no_regression)
 
     @api.post("/admin/head-sets/{name}/{version}/migrate", response_model=schemas.MigrationOut, status_code=202,
               tags=["admin"])

@@ -1,7 +1,9 @@
 """Profile migrations started from the admin API: one detached, named Ray actor per head-set version.
 
 The actor runs `rewardprism.store.rollout.migrate_profiles` (what `rewardprism models migrate` runs) in a thread
-and answers status calls while it works. Detached and named after the version, it outlives the replica that
+and answers status calls while it works; once done, it runs the shadow evaluation against the version active
+then (`models report`, default thresholds) and keeps its lines and gate failures (`regressions`) for
+`activate?require_no_regression=true`. Detached and named after the version, it outlives the replica that
 started it, any replica finds it, and starting it again while it runs is a no-op; started again after it
 finished or died, it resumes (finished users are skipped). Settings come from the caller's ServeSettings.
 """
@@ -14,6 +16,7 @@ from typing import Any
 import ray
 
 NAMESPACE = "rewardprism"
+MAX_LOSING_SHARE = 0.05  # the gate's default, as `rewardprism models activate --require-no-regression`
 
 
 def actor_name(name: str, version: str) -> str:
@@ -24,7 +27,8 @@ def actor_name(name: str, version: str) -> str:
 class MigrationJob:
     def __init__(self, database_url: str, head_set_row_id: int, uri: str, max_tokens: int, method: str):
         self.state: dict[str, Any] = {"state": "starting", "users_done": 0, "users_total": None, "pairs": 0,
-                                      "pairs_per_s": 0.0, "eta_s": None, "error": None}
+                                      "pairs_per_s": 0.0, "eta_s": None, "error": None, "report": None,
+                                      "regressions": None}
         self.args = (database_url, head_set_row_id, uri, max_tokens, method)
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -33,16 +37,25 @@ class MigrationJob:
         from rewardprism.backbone import load_backbone
         from rewardprism.embed import EmbeddingExtractor
         from rewardprism.heads import HeadSet
-        from rewardprism.store.rollout import migrate_profiles
+        from rewardprism.store.rollout import migrate_profiles, shadow_report
 
         database_url, row_id, uri, max_tokens, method = self.args
         engine = store.make_engine(store.StoreSettings.from_env(database_url))
+        sessions = store.make_sessions(engine)
+
+        def loaded(path: str):
+            heads = HeadSet.load(path)
+            return heads, EmbeddingExtractor(load_backbone(heads.backbone, max_length=max_tokens))
         try:
-            heads = HeadSet.load(uri)
-            extractor = EmbeddingExtractor(load_backbone(heads.backbone, max_length=max_tokens))
+            new = loaded(uri)
             self.state["state"] = "running"
-            migrate_profiles(store.make_sessions(engine), row_id, heads, extractor, method=method,
-                             progress=self._progress)
+            migrate_profiles(sessions, row_id, *new, method=method, progress=self._progress)
+            with sessions() as session:
+                name = session.get(store.HeadSetRow, row_id).name
+                active = [h.uri for h in store.list_head_sets(session, name) if h.active]
+            if active:
+                report = shadow_report(sessions, loaded(active[0]), new, method=method)
+                self.state.update(report=report.lines(), regressions=report.gate_failures(MAX_LOSING_SHARE))
             self.state["state"] = "done"
         except Exception as exc:  # noqa: BLE001 (reported by status(); a rerun resumes)
             self.state.update(state="failed", error=f"{type(exc).__name__}: {exc}")

@@ -224,6 +224,8 @@ class MigrationOut(BaseModel):
     pairs_per_s: float
     eta_s: float | None
     error: str | None
+    report: list[str] | None  # the shadow evaluation against the version active when it finished
+    regressions: list[str] | None  # why activating would regress (empty: the gate passes)
 
 
 class KeyCreate(Body):

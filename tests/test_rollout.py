@@ -215,10 +215,20 @@ def test_rollout_over_http_on_postgres(service, backbone, tmp_path: Path) -> Non
         done = wait_for(lambda: (s := admin.get("/admin/head-sets/default/2/migrate").json())["state"]
                         in ("done", "failed") and s, timeout=120)
         assert done and done["state"] == "done" and done["users_done"] >= len(users), done
-        report = ok(rp(service.database, "models", "report", "default", "2"))
-        assert "population acc." in report
+        assert any(line.startswith("population acc.") for line in done["report"]) and done["regressions"] == []
+        assert "population acc." in ok(rp(service.database, "models", "report", "default", "2"))
+        # a version that tells no responses apart: migrated, then refused by the gate, saying why
+        blind = HeadSet(np.zeros_like(v1.weight), v1.bias, v1.head_names, "drm", v1.backbone, v1.default_weights,
+                        version="3", info=dict(v1.info))
+        assert admin.post("/admin/head-sets", json={"uri": str(blind.save(tmp_path / "v3"))}).status_code == 201
+        assert admin.post("/admin/head-sets/default/3/migrate").status_code == 202
+        assert wait_for(lambda: admin.get("/admin/head-sets/default/3/migrate").json()["state"] == "done",
+                        timeout=120)
+        refused = admin.post("/admin/head-sets/default/3/activate", params={"require_no_regression": True})
+        assert refused.status_code == 409 and "not activating default@3: population accuracy falls" in refused.text
         try:
-            assert admin.post("/admin/head-sets/default/2/activate").status_code == 200
+            activated = admin.post("/admin/head-sets/default/2/activate", params={"require_no_regression": True})
+            assert activated.status_code == 200, activated.text
             with service.client(service.keys.client) as http:
                 assert wait_for(lambda: all(http.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
                                             ["head_set"] == "default@2" for _ in range(8)))
