@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from rewardprism import store
 from rewardprism.heads import HeadSet
@@ -27,11 +27,12 @@ def authorize_admin(caller: data.Caller) -> None:
 
 
 def user_out(user: store.User, served: ServedHeads | None) -> schemas.UserOut:
+    """The user with the profile the service scores them with: the one over the served head set."""
+    profile = user.profile if served is None else user.profile_on(served.row_id)
     metadata, metadata_error = checks.readable_json(user.meta, "metadata")
     return schemas.UserOut(external_id=user.external_id, display_name=user.display_name, metadata=metadata,
                            metadata_error=metadata_error, disabled=user.disabled, created_at=user.created_at,
-                           profile=None if user.profile is None else profile_out(user.external_id, user.profile,
-                                                                                served))
+                           profile=None if profile is None else profile_out(user.external_id, profile, served))
 
 
 def head_set_out(row: store.HeadSetRow) -> schemas.HeadSetOut:
@@ -46,11 +47,20 @@ def key_out(key: store.ApiKey) -> schemas.KeyOut:
                           revoked_at=key.revoked_at)
 
 
+class Migrations(Protocol):
+    """Where profile migrations run (`serve_apps.migration`: detached Ray actors); each call returns a status."""
+
+    async def start(self, name: str, version: str, database_url: str, head_set_row_id: int, uri: str,
+                    method: str) -> dict[str, Any]: ...
+
+    async def status(self, name: str, version: str) -> dict[str, Any] | None: ...
+
+
 class AdminOperations:
     """What the /admin routes do, as methods over the service (`create_api` makes one per service)."""
 
-    def __init__(self, service: ScoringService):
-        self.service = service
+    def __init__(self, service: ScoringService, migrations: Migrations | None = None):
+        self.service, self.migrations = service, migrations
 
     async def _audited(self, caller: data.Caller, action: str, target: str, work: Callable[[Session], T],
                        details: dict[str, Any] | None = None) -> T:
@@ -117,7 +127,7 @@ class AdminOperations:
         def save(session: Session) -> schemas.ProfileOut:
             expected = body.expected_version
             if expected is None:
-                current = store.get_user(session, user).profile
+                current = store.get_user(session, user).profile_on(served.row_id)
                 expected = None if current is None else current.version
             row = store.save_profile(session, user, body.weights, bias=body.bias, method="manual",
                                      expected_version=expected, head_set=session.get(store.HeadSetRow, served.row_id))
@@ -147,11 +157,42 @@ class AdminOperations:
         await self.service.refresh()
         return out
 
-    async def activate_head_set(self, caller: data.Caller, name: str, version: str) -> schemas.HeadSetOut:
+    async def activate_head_set(self, caller: data.Caller, name: str, version: str,
+                                require_no_regression: bool = False) -> schemas.HeadSetOut:
+        if require_no_regression:
+            state = await self._migrations(caller).status(name, version)
+            if state is None or state["state"] != "done" or state["regressions"] is None:
+                raise ApiError(409, f"no finished migration onto {name}@{version} with a shadow evaluation: "
+                                    f"POST /admin/head-sets/{name}/{version}/migrate and wait until it is done")
+            if state["regressions"]:
+                raise ApiError(409, f"not activating {name}@{version}: " + "; ".join(state["regressions"]))
         out = await self._audited(caller, "head_set.activate", f"{name}@{version}", lambda session: head_set_out(
             store.activate_head_set(session, name, version)))
         await self.service.refresh()
         return out
+
+    async def start_migration(self, caller: data.Caller, name: str, version: str) -> schemas.MigrationOut:
+        """Re-adapt every user with feedback onto the version, in the background (see `rewardprism models
+        migrate`); the status of the run, a running one if there is one."""
+        migrations = self._migrations(caller)
+        row_id, uri = await self._audited(caller, "head_set.migrate", f"{name}@{version}", lambda session: (
+            (row := store.get_head_set(session, name, version)).id, row.uri))
+        settings = self.service.settings
+        state = await migrations.start(name, version, settings.database_url.get_secret_value(), row_id, uri,
+                                       settings.adaptation)
+        return schemas.MigrationOut(name=name, version=version, **state)
+
+    async def migration_status(self, caller: data.Caller, name: str, version: str) -> schemas.MigrationOut:
+        state = await self._migrations(caller).status(name, version)
+        if state is None:
+            raise ApiError(404, f"no migration onto {name}@{version} was started on this cluster")
+        return schemas.MigrationOut(name=name, version=version, **state)
+
+    def _migrations(self, caller: data.Caller) -> Migrations:
+        authorize_admin(caller)
+        if self.migrations is None:
+            raise ApiError(501, "this service runs no migrations: use `rewardprism models migrate`")
+        return self.migrations
 
     async def create_key(self, caller: data.Caller, body: schemas.KeyCreate) -> schemas.KeyCreated:
         def create(session: Session) -> schemas.KeyCreated:

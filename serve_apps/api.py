@@ -22,7 +22,7 @@ from rewardprism.store import IdempotentRequest, checks
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_apps import schemas
-from serve_apps.admin import AdminOperations
+from serve_apps.admin import AdminOperations, Migrations
 from serve_apps.data import Caller
 from serve_apps.service import IDEMPOTENCY, ApiError, Replayed, ScoringService
 
@@ -120,14 +120,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     )}
 
 
-def create_api(service: ScoringService) -> FastAPI:
+HeadSetName = Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)]
+HeadSetVersion = Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)]
+
+
+def create_api(service: ScoringService, migrations: Migrations | None = None) -> FastAPI:
     api = FastAPI(title="RewardPrism", version="1",
                   description="Personalized reward scores: one backbone pass shared by all users, each user's "
                               "own weights over the served head set. See docs/serve.md.",
                   responses=ERRORS)
     api.router.route_class = StrictJsonRoute
     api.state.service = service
-    admin = AdminOperations(service)
+    admin = AdminOperations(service, migrations)
     api.add_middleware(BodyLimit, service=service)
 
     @api.exception_handler(RequestValidationError)
@@ -240,11 +244,24 @@ def create_api(service: ScoringService) -> FastAPI:
 
     @api.post("/admin/head-sets/{name}/{version}/activate", response_model=schemas.HeadSetOut, tags=["admin"],
               dependencies=[Idempotent])
-    async def activate_head_set(name: Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)],
-                                version: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)],
-                                who: Auth) -> schemas.HeadSetOut:
-        """Serve this version of `name` from now on (profiles over another version fall back to the default)."""
-        return await admin.activate_head_set(who, name, version)
+    async def activate_head_set(name: HeadSetName, version: HeadSetVersion, who: Auth,
+                                require_no_regression: bool = False) -> schemas.HeadSetOut:
+        """Serve this version of `name` from now on, with users' profiles over it (migrate first: users
+        without one get its default weights). `require_no_regression`: 409 unless the version's finished
+        migration's shadow evaluation passes the gate (the reasons in the message)."""
+        return await admin.activate_head_set(who, name, version, require_no_regression)
+
+    @api.post("/admin/head-sets/{name}/{version}/migrate", response_model=schemas.MigrationOut, status_code=202,
+              tags=["admin"])
+    async def migrate_head_set(name: HeadSetName, version: HeadSetVersion, who: Auth) -> schemas.MigrationOut:
+        """Re-adapt every user with feedback onto this version in the background (a detached Ray actor), as
+        `rewardprism models migrate` does; a rerun resumes. Activate once GET says `done`."""
+        return await admin.start_migration(who, name, version)
+
+    @api.get("/admin/head-sets/{name}/{version}/migrate", response_model=schemas.MigrationOut, tags=["admin"])
+    async def migration_status(name: HeadSetName, version: HeadSetVersion, who: Auth) -> schemas.MigrationOut:
+        """The migration's progress: users done of total, pairs per second, ETA."""
+        return await admin.migration_status(who, name, version)
 
     @api.post("/admin/keys", response_model=schemas.KeyCreated, status_code=201, tags=["admin"])
     async def create_key(body: schemas.KeyCreate, who: Auth) -> schemas.KeyCreated:

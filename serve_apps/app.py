@@ -30,6 +30,7 @@ from rewardprism.features import FeatureMismatch, FeatureSpec
 from rewardprism.heads import HeadSet
 from rewardprism.scoring import BatchScorer, LruCache, ScoredJob, ScoreJob
 
+from serve_apps import migration
 from serve_apps.api import create_api
 from serve_apps.service import HeadSetRef, ScoringService, Unavailable
 from serve_apps.settings import ServeSettings
@@ -188,7 +189,7 @@ class Ingress:
             raise
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.service)
+        return create_api(self.service, migration)
 
     def reconfigure(self, user_config: dict) -> None:
         self.service.reconfigure(ServeSettings.from_env().live(user_config))

@@ -30,26 +30,43 @@ def to_profile(row: ProfileRow) -> Profile:
                    row.version, row.created_at)
 
 
-def read_user_states(session: Session, external_ids: list[str]) -> dict[str, UserState]:
-    """Each user's state, in one query without ORM objects (the scoring fast path, for cache misses)."""
-    rows = session.execute(
-        sa.select(User.external_id, ProfileRow.version, ProfileRow.created_at, ProfileRow.weights, ProfileRow.bias,
-                  HeadSetRow.content_hash)
-        .select_from(User).outerjoin(User.profile).outerjoin(ProfileRow.head_set)
-        .where(User.external_id.in_(external_ids))).all()
-    found = {user: UserState(True, None if version is None else Profile(
-        np.asarray(weights, dtype=np.float64), float(bias), content_hash, version, created_at))
-        for user, version, created_at, weights, bias, content_hash in rows}
-    return {user: found.get(user, UserState(False)) for user in external_ids}
+UserOnHeadSet = tuple[int, str]  # (head-set row id, external id): whose profile, over which head set
 
 
-def current_revisions(session: Session, external_ids: list[str]) -> dict[str, Revision]:
-    """Each user's `UserState.revision`, in one query; users not found are (False, None, None)."""
-    rows = session.execute(sa.select(User.external_id, ProfileRow.version, ProfileRow.created_at)
-                           .select_from(User).outerjoin(User.profile)
-                           .where(User.external_id.in_(external_ids))).all()
-    found = {user: (True, version, created_at) for user, version, created_at in rows}
-    return {user: found.get(user, (False, None, None)) for user in external_ids}
+def _profiles_on(query: sa.Select, keys: list[UserOnHeadSet]) -> sa.Select:
+    """`query` over the keys' users, left-joined to their profiles over the keys' head sets (one, but for the
+    moment an activation reaches the replica)."""
+    joined = query.select_from(User).outerjoin(
+        ProfileRow, sa.and_(ProfileRow.user_id == User.id, ProfileRow.head_set_id.in_({h for h, _ in keys})))
+    return joined.where(User.external_id.in_({u for _, u in keys}))
+
+
+def read_user_states(session: Session, keys: list[UserOnHeadSet]) -> dict[UserOnHeadSet, UserState]:
+    """Each user's state over the head set of their key, in one query without ORM objects (for cache misses)."""
+    rows = session.execute(_profiles_on(
+        sa.select(User.external_id, ProfileRow.head_set_id, ProfileRow.version, ProfileRow.created_at,
+                  ProfileRow.weights, ProfileRow.bias, HeadSetRow.content_hash), keys)
+        .outerjoin(HeadSetRow, HeadSetRow.id == ProfileRow.head_set_id)).all()
+    found: dict[UserOnHeadSet, UserState] = {}
+    for user, head_set_id, version, created_at, weights, bias, content_hash in rows:
+        found[(None, user)] = UserState(True)  # known, whatever profiles they have
+        if version is not None:
+            found[(head_set_id, user)] = UserState(True, Profile(
+                np.asarray(weights, dtype=np.float64), float(bias), content_hash, version, created_at))
+    return {key: found.get(key) or found.get((None, key[1]), UserState(False)) for key in keys}
+
+
+def current_revisions(session: Session, keys: list[UserOnHeadSet]) -> dict[UserOnHeadSet, Revision]:
+    """Each user's `UserState.revision` over the head set of their key, in one query; unknown users are
+    (False, None, None)."""
+    rows = session.execute(_profiles_on(
+        sa.select(User.external_id, ProfileRow.head_set_id, ProfileRow.version, ProfileRow.created_at), keys)).all()
+    found: dict[tuple[int | None, str], Revision] = {}
+    for user, head_set_id, version, created_at in rows:
+        found[(None, user)] = (True, None, None)
+        if version is not None:
+            found[(head_set_id, user)] = (True, version, created_at)
+    return {key: found.get(key) or found.get((None, key[1]), (False, None, None)) for key in keys}
 
 
 def active_head_set(session: Session, name: str) -> HeadSetRow | None:

@@ -217,6 +217,22 @@ class HeadSetOut(BaseModel):
     created_at: datetime
 
 
+class MigrationOut(BaseModel):
+    """A profile migration onto a head-set version (`rewardprism models migrate`, run as a Ray actor)."""
+
+    name: str
+    version: str
+    state: Literal["starting", "running", "done", "failed"]
+    users_done: int
+    users_total: int | None  # users behind when it started (None until it has counted them)
+    pairs: int
+    pairs_per_s: float
+    eta_s: float | None
+    error: str | None
+    report: list[str] | None  # the shadow evaluation against the version active when it finished
+    regressions: list[str] | None  # why activating would regress (empty: the gate passes)
+
+
 class KeyCreate(Body):
     scopes: list[Literal["score", "feedback", "admin"]] = Field(min_length=1, max_length=3)
     user_id: UserId | None = Field(None, description="bind the key to this user: it then acts only for them")

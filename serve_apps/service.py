@@ -41,9 +41,9 @@ import numpy as np
 import sqlalchemy as sa
 from pydantic_core import to_jsonable_python
 from rewardprism import store
-from rewardprism.adapt import adapt_profile
 from rewardprism.data import Prompt
 from rewardprism.heads import HeadSet
+from rewardprism.migrate_profiles import adapt_on_head_set
 from rewardprism.scoring import (
     LruCache,
     Profile,
@@ -55,6 +55,7 @@ from rewardprism.scoring import (
     preference_probability,
 )
 from rewardprism.store import Feedback, FeedbackPair, IdempotentRequest, ProfileUpdate, idempotency
+from rewardprism.store.rollout import STORED_METHOD
 from sqlalchemy.orm import Session
 
 from serve_apps import data, schemas
@@ -67,9 +68,6 @@ T = TypeVar("T")
 # The caller behind REWARDPRISM_ADMIN_KEY; "env:admin" is what the audit log records as its key.
 BOOTSTRAP_ADMIN = data.Caller("env:admin", frozenset({"admin"}), None)
 FEEDBACK_ATTEMPTS = 20  # transactions tried per feedback call before answering 409
-# The stored method of each adaptation method: adapt's `default` shrinks toward the population profile, stored as
-# "shrink" (the stored "default" is store.POPULATION_METHOD: the head set's population weights, as after a reset).
-STORED_METHOD = {"default": "shrink", "hyre": "hyre", "bt": "bt"}
 # A dropped or refused connection, a pool that cannot hand one out: the database is unreachable, not wrong.
 DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 CONFLICT = "a concurrent change conflicts with this one; retry"  # 409: another writer got there first
@@ -192,6 +190,7 @@ class ScoringService:
         self._probe: asyncio.Future[bool] | None = None
         self._probe_started = 0.0
         self.profiles = ProfileCache(settings.profile_cache_size)
+        # Keyed by (head-set row id, user): a replica looks up the profile over the head set it serves.
         self.revisions = Coalesced(self.read, data.current_revisions)  # (user exists, profile version, created)
         self.states = Coalesced(self.read, data.read_user_states)  # the profiles of cache misses
         self.keys: LruCache[str, CachedCaller] = LruCache(10_000)  # by sha256(token)
@@ -419,11 +418,11 @@ class ScoringService:
         # With something cached to fall back on, a slow check is not waited for; without, it is.
         timeout = self.settings.version_check_timeout_s if self.profiles.latest(user) is not None else None
         try:
-            revision = await self.revisions(user, timeout)
+            revision = await self.revisions((served.row_id, user), timeout)
             state = self.profiles.get(user, revision)
             self.metrics.cache("miss" if state is None else "hit")
             if state is None:
-                state = await self.states(user)
+                state = await self.states((served.row_id, user))
                 self.profiles.put(user, state)
         except (Unavailable, TimeoutError):  # unreachable or too slow: the last state this replica saw, if any
             state, stale = self.profiles.latest(user), True
@@ -533,15 +532,14 @@ class ScoringService:
             # plain Bradley-Terry resumes Newton from the current weights (a step or two)
             warm = current is not None and current.head_set_id == served.row_id and method == "bt"
             opts = {"init": np.asarray(current.weights)} if warm else {}
-            weights, bias = adapt_profile(scores[:, 0], scores[:, 1], served.heads.default_weights, method=method,
-                                          center=served.heads.hyperprior_center, **opts)
-            profile = Profile(np.asarray(weights, dtype=np.float64), float(bias), served.heads.content_hash)
+            weights, bias = adapt_on_head_set(served.heads, [scores], method, **opts)  # as a migration adapts
+            profile = Profile(np.asarray(weights[0], dtype=np.float64), float(bias[0]), served.heads.content_hash)
             if profile.problem(served.heads) is not None:
                 raise ValueError(f"adaptation ({method}) gave unusable weights for user {user!r}")
-            return ProfileUpdate(profile.weights.tolist(), STORED_METHOD[method], profile.bias, head_set_row)
+            return ProfileUpdate(profile.weights.tolist(), STORED_METHOD[method], profile.bias)
 
         store.get_or_create_user(session, user, limits=self.limits)
-        row = store.append_feedback_and_update_profile(session, user, pairs, adapt, limits=self.limits)
+        row = store.append_feedback_and_update_profile(session, user, pairs, adapt, head_set_row, limits=self.limits)
         return data.to_profile(row), schemas.FeedbackResponse(user_id=user, stored=len(pairs),
                                                               profile=profile_out(user, row, served))
 
@@ -576,8 +574,9 @@ class ScoringService:
 
     async def profile(self, caller: data.Caller, user: str) -> schemas.ProfileOut:
         self.authorize(caller, "score", user)
-        served = self.served
-        return await self.read(lambda session: profile_out(user, store.get_user(session, user).profile, served))
+        served = self.heads()
+        return await self.read(lambda session: profile_out(
+            user, store.get_user(session, user).profile_on(served.row_id), served))
 
     # ------------------------------------------------------------------------------------------ health
 

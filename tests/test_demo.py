@@ -25,17 +25,20 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for step in ("[1]", "[2] embedded 800 pairs", "[3] store: sqlite", "[4] each user sends 15 labelled pairs",
-                 "[5] scores for", "held-out accuracy on 10 new pairs per user"):
+                 "[5] scores for", "held-out accuracy on 10 new pairs per user",
+                 "[6] a new head set", f"migrated {len(DEFAULT_USERS)} users ({15 * len(DEFAULT_USERS)} pairs)",
+                 "personalized rankings on demo@2 vs demo@1"):
         assert step in out, out
     rows = dict(re.findall(r"^\s+(\w+)\s+personalized (\d\.\d\d)\s+population \d\.\d\d$", out, re.MULTILINE))
     assert set(rows) == {u.name for u in DEFAULT_USERS}, out
     with sqlite3.connect(tmp_path / "rewardprism.db") as db:  # what the users' feedback left in the store
         stored = dict(db.execute("SELECT u.external_id, COUNT(f.id) FROM users u JOIN feedback f ON f.user_id = u.id "
                                  "GROUP BY u.external_id"))
-        versions = dict(db.execute("SELECT u.external_id, p.version FROM users u JOIN profiles p "
-                                   "ON p.user_id = u.id"))
+        versions = set(db.execute("SELECT u.external_id, h.version, p.version, p.n_pairs FROM users u JOIN profiles p "
+                                  "ON p.user_id = u.id JOIN head_sets h ON h.id = p.head_set_id"))
     assert stored == {u.name: 15 for u in DEFAULT_USERS}
-    assert versions == {u.name: 1 for u in DEFAULT_USERS}
+    # a profile over each head set, each written once from all 15 pairs
+    assert versions == {(u.name, v, 1, 15) for u in DEFAULT_USERS for v in ("1", "2")}
 
 
 def test_a_bad_demo_config_exits_naming_the_field_before_anything_starts(tmp_path):

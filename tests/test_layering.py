@@ -28,7 +28,7 @@ CORE = {
     "rewardprism.synthetic", "rewardprism.backbone", "rewardprism.features", "rewardprism.embed", "rewardprism.heads",
     "rewardprism.drm", "rewardprism.adapt",
     "rewardprism.protocol", "rewardprism.calibrate", "rewardprism.evaluate", "rewardprism.vrm",
-    "rewardprism.scoring", "rewardprism.train_data", "rewardprism.train_eval",
+    "rewardprism.scoring", "rewardprism.train_data", "rewardprism.train_eval", "rewardprism.migrate_profiles",
 }
 RAY_LIBRARY = {
     "rewardprism.embed_ray", "rewardprism.drm_ray", "rewardprism.train_worker", "rewardprism.recipes",

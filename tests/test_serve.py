@@ -622,12 +622,14 @@ def test_activating_another_head_set_switches_scoring_live(service, tmp_path):
                     "user_id": "carol", "prompt": "p", "responses": ["r"], "explain": True}).json())
                     ["head_set"] == "default@2" and r)
             assert body and len(body["scores"][0]["explanation"]) == 4
-            assert body["profile"]["reason"] == "other_head_set"  # carol's weights are over version 1
+            assert body["profile"]["reason"] == "no_profile"  # carol's only profile is over version 1
         finally:
             assert http.post("/admin/head-sets/default/1/activate").status_code == 200
             with service.client(service.keys.client) as client:  # every replica back on version 1
                 assert wait_for(lambda: all(client.post("/v1/score", json={"prompt": "p", "responses": ["r"]}).json()
                                             ["head_set"] == "default@1" for _ in range(8)))
+                rolled_back = client.post("/v1/score", json={"user_id": "carol", "prompt": "p", "responses": ["r"]})
+                assert rolled_back.json()["profile"]["source"] == "user"  # her version-1 profile is back
         assert http.post("/admin/head-sets", json={"uri": str(tmp_path / "nowhere")}).status_code == 422
         broken = other.save(tmp_path / "broken")  # a hand-edited headset.json: 422 naming the uri, not a 500
         saved = json.loads((broken / "headset.json").read_text())

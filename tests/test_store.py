@@ -157,11 +157,8 @@ def pair(i: int, **overrides: object) -> FeedbackPair:
 
 def counting_adapter(session: Session) -> Callable[[ProfileRow | None, Sequence[Feedback]], ProfileUpdate]:
     """Weights that record how many pairs the adapter saw: a lost update shows up as a short count."""
-    head_set = get_head_set(session, "drm-test")
-
     def adapt(profile: ProfileRow | None, history: Sequence[Feedback]) -> ProfileUpdate:
-        return ProfileUpdate(weights=[float(len(history))] + [0.0] * (len(HEADS) - 1), method="hyre",
-                             head_set=head_set)
+        return ProfileUpdate(weights=[float(len(history))] + [0.0] * (len(HEADS) - 1), method="hyre")
 
     return adapt
 
@@ -171,7 +168,7 @@ def counting_adapter(session: Session) -> Callable[[ProfileRow | None, Sequence[
 
 def test_profile_write_then_read_in_one_query(seeded: Store) -> None:
     with seeded.sessions.begin() as s:
-        assert get_profile(s, "alice") is None
+        assert get_profile(s, "alice", get_head_set(s, "drm-test")) is None
         heads = get_head_set(s, "drm-test")
         first = save_profile(s, "alice", [0, 1, 0, 0, 0, 0], expected_version=None, method="manual",
                              head_set=heads)
@@ -179,7 +176,9 @@ def test_profile_write_then_read_in_one_query(seeded: Store) -> None:
     statements: list[str] = []
     sa.event.listen(seeded.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
     with seeded.sessions() as s:
-        profile = get_profile(s, "alice")
+        heads = get_head_set(s, "drm-test")
+        statements.clear()
+        profile = get_profile(s, "alice", heads)
         queries = [q for q in statements if q.lstrip().upper().startswith("SELECT")]  # not SQLite's BEGIN
     assert len(queries) == 1
     assert profile is not None and profile.version == 1
@@ -187,17 +186,38 @@ def test_profile_write_then_read_in_one_query(seeded: Store) -> None:
     assert profile.user.external_id == "alice" and profile.head_set.label == "drm-test@1"  # loaded, detached
 
 
+def test_a_user_keeps_one_profile_per_head_set_version(seeded: Store) -> None:
+    """Writing the profile over version 2 leaves the one over version 1 as it was: a rollback serves it again."""
+    with seeded.sessions.begin() as s:
+        register(s, "2", activate=False)
+        append_feedback_and_update_profile(s, "alice", [pair(0)], counting_adapter(s), get_head_set(s, "drm-test"))
+    with seeded.sessions.begin() as s:
+        first = get_profile(s, "alice", get_head_set(s, "drm-test", "1"))
+        before = (first.id, first.version, first.weights, first.n_pairs)
+        second = get_head_set(s, "drm-test", "2")
+        assert get_profile(s, "alice", second) is None
+        save_profile(s, "alice", [0, 0, 1, 0, 0, 0], head_set=second, expected_version=None, method="manual")
+    with seeded.sessions.begin() as s:
+        first = get_profile(s, "alice", get_head_set(s, "drm-test", "1"))
+        assert (first.id, first.version, first.weights, first.n_pairs) == before
+        assert get_profile(s, "alice", get_head_set(s, "drm-test", "2")).weights == [0, 0, 1, 0, 0, 0]
+        assert len(list_feedback(s, "alice")) == 1
+    assert seeded.counts()["profiles"] == 2
+
+
 def test_stale_version_is_refused_and_changes_nothing(seeded: Store) -> None:
     with seeded.sessions.begin() as s:
         heads = get_head_set(s, "drm-test")
         save_profile(s, "alice", [1, 0, 0, 0, 0, 0], expected_version=None, method="manual", head_set=heads)
     with seeded.sessions.begin() as s:
-        assert save_profile(s, "alice", [0, 2, 0, 0, 0, 0], expected_version=1, method="manual").version == 2
+        assert save_profile(s, "alice", [0, 2, 0, 0, 0, 0], expected_version=1, method="manual",
+                     head_set=get_head_set(s, "drm-test")).version == 2
     for stale in (1, None, 7):
         with seeded.sessions.begin() as s, pytest.raises(ProfileConflict, match="another writer"):
-            save_profile(s, "alice", [0, 0, 3, 0, 0, 0], expected_version=stale, method="manual")
+            save_profile(s, "alice", [0, 0, 3, 0, 0, 0], expected_version=stale, method="manual",
+                     head_set=get_head_set(s, "drm-test"))
     with seeded.sessions() as s:
-        profile = get_profile(s, "alice")
+        profile = get_profile(s, "alice", get_head_set(s, "drm-test"))
         assert profile is not None and (profile.version, profile.weights) == (2, [0, 2, 0, 0, 0, 0])
 
 
@@ -208,16 +228,18 @@ def test_writers_that_read_the_same_version_cannot_both_win(seeded: Store) -> No
         set_weights([1] * 6)(s)
     first, second = seeded.sessions(), seeded.sessions()
     for s in (first, second):
-        assert get_profile(s, "alice").version == 1
-    save_profile(first, "alice", [2] * 6, expected_version=1, method="manual")
+        assert get_profile(s, "alice", get_head_set(s, "drm-test")).version == 1
+    save_profile(first, "alice", [2] * 6, expected_version=1, method="manual",
+                     head_set=get_head_set(first, "drm-test"))
     first.commit()
     with pytest.raises(ProfileConflict):
-        save_profile(second, "alice", [3] * 6, expected_version=1, method="manual")
+        save_profile(second, "alice", [3] * 6, expected_version=1, method="manual",
+                     head_set=get_head_set(second, "drm-test"))
     second.rollback()
     first.close()
     second.close()
     with seeded.sessions() as s:
-        assert get_profile(s, "alice").weights == [2] * 6
+        assert get_profile(s, "alice", get_head_set(s, "drm-test")).weights == [2] * 6
 
 
 def test_concurrent_feedback_loses_no_update(seeded: Store) -> None:
@@ -230,7 +252,8 @@ def test_concurrent_feedback_loses_no_update(seeded: Store) -> None:
     def writer(i: int) -> None:
         def work(s: Session) -> ProfileRow:
             attempts.append(i)
-            return append_feedback_and_update_profile(s, "alice", [pair(i)], counting_adapter(s))
+            return append_feedback_and_update_profile(s, "alice", [pair(i)], counting_adapter(s),
+                                                      get_head_set(s, "drm-test"))
 
         start.wait()
         wins.append(commit_with_retry(seeded.sessions, work, attempts=200).version)
@@ -239,7 +262,7 @@ def test_concurrent_feedback_loses_no_update(seeded: Store) -> None:
         list(pool.map(writer, range(writers)))  # re-raises any writer's exception
 
     with seeded.sessions() as s:
-        profile = get_profile(s, "alice")
+        profile = get_profile(s, "alice", get_head_set(s, "drm-test"))
         stored = list_feedback(s, "alice")
     assert profile is not None
     assert sorted(f.chosen for f in stored) == sorted(f"good answer {i}" for i in range(writers))
@@ -360,14 +383,14 @@ def feedback(*pairs: FeedbackPair, user: str = "alice",
              adapter: Callable[[Session], Adapter] = counting_adapter, **limits: int) -> Operation:
     """append_feedback_and_update_profile with the adapter that `adapter` makes in the session."""
     def write(s: Session) -> object:
-        return append_feedback_and_update_profile(s, user, pairs, adapter(s), limits=Limits(**limits))
+        return append_feedback_and_update_profile(s, user, pairs, adapter(s), get_head_set(s, "drm-test"),
+                                                    limits=Limits(**limits))
     return write
 
 
 def adapter_returning(weights: Sequence[float]) -> Callable[[Session], Adapter]:
     def make(s: Session) -> Adapter:
-        head_set = get_head_set(s, "drm-test")
-        return lambda profile, history: ProfileUpdate(weights, "hyre", head_set=head_set)
+        return lambda profile, history: ProfileUpdate(weights, "hyre")
     return make
 
 
@@ -382,7 +405,6 @@ BAD_INPUT: dict[str, tuple[Operation, type[Exception], str]] = {
     "inf weight": (set_weights([0.0] * 5 + [math.inf]), InvalidInput, r"weights\[5\] must be finite"),
     "NaN bias": (set_weights([0.0] * 6, bias=math.nan), InvalidInput, "bias must be finite"),
     "unknown method": (set_weights([0.0] * 6, method="magic"), InvalidInput, "method must be one of"),
-    "first profile without head set": (set_weights([0.0] * 6, head_set=None), InvalidInput, "no profile yet"),
     "unknown user": (set_weights([0.0] * 6, user="mallory"), NotFound, "mallory"),
     "adapter returns wrong length": (feedback(pair(0), adapter=adapter_returning([1.0])), InvalidInput,
                                      "1 values"),
@@ -451,7 +473,7 @@ def test_disabled_user_gets_no_feedback_and_no_profile_changes(seeded: Store) ->
         set_user_disabled(s, "alice", True)
     before = seeded.counts()
     with seeded.sessions.begin() as s, pytest.raises(UserDisabled):
-        append_feedback_and_update_profile(s, "alice", [pair(0)], counting_adapter(s))
+        append_feedback_and_update_profile(s, "alice", [pair(0)], counting_adapter(s), get_head_set(s, "drm-test"))
     with seeded.sessions.begin() as s, pytest.raises(UserDisabled):
         save_profile(s, "alice", [0.0] * 6, expected_version=None, method="manual",
                      head_set=get_head_set(s, "drm-test"))
@@ -466,7 +488,8 @@ def test_connection_killed_mid_transaction_leaves_no_partial_rows(seeded: Store)
     before = seeded.counts()
     session = seeded.sessions()
     create_user(session, "bob")
-    append_feedback_and_update_profile(session, "bob", [pair(i) for i in range(3)], counting_adapter(session))
+    append_feedback_and_update_profile(session, "bob", [pair(i) for i in range(3)], counting_adapter(session),
+                                       get_head_set(session, "drm-test"))
     record_audit(session, "test", "users.create", "bob")
     pid = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     assert seeded.counts() == before  # flushed, not committed: invisible to others
@@ -548,8 +571,8 @@ def test_export_then_import_restores_the_user(seeded: Store) -> None:
     with seeded.sessions.begin() as s:
         get_user(s, "alice").meta = {"team": "a", "tags": ["x"]}
         append_feedback_and_update_profile(s, "alice", [pair(0), pair(1, prompt=chat, source="ui")],
-                                           counting_adapter(s))
-        append_feedback_and_update_profile(s, "alice", [pair(2)], counting_adapter(s))
+                                           counting_adapter(s), get_head_set(s, "drm-test"))
+        append_feedback_and_update_profile(s, "alice", [pair(2)], counting_adapter(s), get_head_set(s, "drm-test"))
     with seeded.sessions.begin() as s:
         exported = export_user(s, "alice")
         delete_user(s, "alice")
@@ -604,7 +627,8 @@ def test_delete_user_takes_profile_feedback_and_keys_with_them(seeded: Store) ->
     with seeded.sessions.begin() as s:
         create_user(s, "bob")
         for user in ("alice", "bob"):
-            append_feedback_and_update_profile(s, user, [pair(0), pair(1)], counting_adapter(s))
+            append_feedback_and_update_profile(s, user, [pair(0), pair(1)], counting_adapter(s),
+                                               get_head_set(s, "drm-test"))
             create_api_key(s, ["score"], user_external_id=user)
         record_audit(s, "admin", "users.delete", "alice")
     with seeded.sessions.begin() as s:
@@ -621,7 +645,7 @@ def test_list_users_pages_and_filters(seeded: Store) -> None:
         for i in range(6):
             create_user(s, f"user-{i}", display_name=f"Tester {i}")
         set_user_disabled(s, "user-1", True)
-        append_feedback_and_update_profile(s, "user-2", [pair(0)], counting_adapter(s))
+        append_feedback_and_update_profile(s, "user-2", [pair(0)], counting_adapter(s), get_head_set(s, "drm-test"))
     with seeded.sessions() as s:
         first, last = list_users(s, limit=4), list_users(s, limit=4, offset=4)
         assert [u.external_id for u in first.items] == ["alice", "user-0", "user-1", "user-2"]

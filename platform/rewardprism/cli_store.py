@@ -327,7 +327,7 @@ def users_set_weights(
             if unknown:
                 _fail(f"no heads named {sorted(unknown)} in {heads.label}")
             value = [value.get(name, 0.0) for name in heads.head_names]
-        current = user.profile.version if user.profile else None
+        current = profile.version if (profile := user.profile_on(heads.id)) else None
         profile = save_profile(session, external_id, value, method="manual", bias=bias, head_set=heads,
                                expected_version=current if expected_version is None else expected_version)
         _audit(ctx, session, "users.set-weights", external_id, head_set=heads.label, version=profile.version)
@@ -471,13 +471,131 @@ def models_list(
 
 @models_app.command("activate")
 def models_activate(
-    ctx: typer.Context, name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()]
+    ctx: typer.Context, name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()],
+    require_no_regression: Annotated[bool, typer.Option(
+        help="refuse unless the shadow evaluation against the active version passes (see `models report`)")] = False,
+    min_pairs: Annotated[int, typer.Option(help="with --require-no-regression: see `models report`")] = 5,
+    max_drop: Annotated[float, typer.Option(help="with --require-no-regression: see `models report`")] = 10.0,
+    max_losing_share: Annotated[float, typer.Option(
+        help="with --require-no-regression: the largest share of users allowed to lose more than --max-drop "
+             "points")] = 0.05,
 ) -> None:
-    """Serve this version of head set NAME (the previously active version of NAME is deactivated)."""
+    """Serve this version of head set NAME (the previously active version of NAME is deactivated).
+
+    Replicas switch to it and to their users' profiles over it together; run `models migrate` first, or users
+    without a profile over it are scored with its default weights until they send feedback.
+    """
+    if require_no_regression:
+        report = _shadow_report(ctx, name, version, min_pairs=min_pairs, max_drop=max_drop)
+        failures = report.gate_failures(max_losing_share)
+        if failures:
+            _fail(f"not activating {name}@{version}: " + "; ".join(failures))
     with _transaction(ctx) as session:
         activate_head_set(session, name, version)
         _audit(ctx, session, "models.activate", f"{name}@{version}")
     typer.echo(f"active: {name}@{version}")
+
+
+def _loaded(ctx: typer.Context, name: str, version: str | None):
+    """The registry row id, the HeadSet from its uri, and an extractor of the features it was fitted on."""
+    from rewardprism.embed import EmbeddingExtractor
+    from rewardprism.heads import HeadSet
+
+    with _transaction(ctx) as session:
+        row = get_head_set(session, name, version)
+        row_id, uri, label = row.id, row.uri, row.label
+    try:
+        heads = HeadSet.load(uri)
+        return row_id, heads, EmbeddingExtractor(heads.feature_spec().load_backbone())
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot load {label} from {uri}: {exc}")
+
+
+def _shadow_report(ctx: typer.Context, name: str, version: str, *, min_pairs: int, max_drop: float,
+                   against: str | None = None):
+    from rewardprism.store.rollout import shadow_report
+
+    if against is None:
+        with _transaction(ctx) as session:
+            active = [h.version for h in list_head_sets(session, name) if h.active]
+        if not active:
+            _fail(f"no version of {name} is active to compare {name}@{version} with: give --against VERSION")
+        against = active[0]
+    _, old, old_extractor = _loaded(ctx, name, against)
+    _, new, new_extractor = _loaded(ctx, name, version)
+    engine = make_engine(ctx.obj.settings)
+    try:
+        with _errors(ctx.obj.settings):
+            report = shadow_report(make_sessions(engine), (old, old_extractor), (new, new_extractor),
+                                   min_pairs=min_pairs, folds=min(5, min_pairs), max_drop_points=max_drop)
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    typer.echo(f"shadow evaluation: {name}@{against} (old) vs {name}@{version} (new), "
+               f"{min(5, min_pairs)}-fold cross-validation on each user's own pairs")
+    for line in report.lines():
+        typer.echo(f"  {line}")
+    return report
+
+
+@models_app.command("report")
+def models_report(
+    ctx: typer.Context, name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()],
+    against: Annotated[str | None, typer.Option(help="the old version (default: the active one)")] = None,
+    min_pairs: Annotated[int, typer.Option(help="evaluate users with at least this many feedback pairs")] = 5,
+    max_drop: Annotated[float, typer.Option(help="a user loses when their accuracy drops by more than this "
+                                                 "many points")] = 10.0,
+) -> None:
+    """Shadow evaluation of VERSION against the active version, on every user's own feedback pairs."""
+    if min_pairs < 2:
+        _fail("--min-pairs must be at least 2 (one pair to adapt on, one to test)")
+    _shadow_report(ctx, name, version, min_pairs=min_pairs, max_drop=max_drop,
+                   against=against)
+
+
+@models_app.command("migrate")
+def models_migrate(
+    ctx: typer.Context, name: Annotated[str, typer.Argument()], version: Annotated[str, typer.Argument()],
+    method: Annotated[str, typer.Option(help="adaptation method: default, hyre or bt (as the service's "
+                                             "RP_ADAPTATION)")] = "default",
+    batch_users: Annotated[int, typer.Option(help="users read, adapted and written per transaction")] = 256,
+    progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
+) -> None:
+    """Re-adapt every user with feedback onto NAME@VERSION from their feedback, without activating it.
+
+    Resumable: a rerun (after a crash or kill) skips users already up to date. Users who send feedback while it
+    runs are caught up before it finishes.
+    """
+    from tqdm.auto import tqdm
+
+    from rewardprism.adapt import METHODS
+    from rewardprism.store.rollout import migrate_profiles
+
+    if method not in METHODS:
+        _fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if batch_users < 1:
+        _fail("--batch-users must be positive")
+    row_id, heads, extractor = _loaded(ctx, name, version)
+    engine = make_engine(ctx.obj.settings)
+    bar = tqdm(unit="user", desc=f"migrating onto {name}@{version}", disable=not progress, file=sys.stderr)
+
+    def show(state) -> None:
+        bar.total = max(state.total, state.done)
+        bar.n = state.done
+        bar.set_postfix_str(f"{state.pairs_per_s:.0f} pairs/s", refresh=False)
+        bar.refresh()
+    try:
+        with _errors(ctx.obj.settings):
+            state = migrate_profiles(make_sessions(engine), row_id, heads, extractor, method=method,
+                                     batch_users=batch_users, progress=show)
+            with _transaction(ctx) as session:
+                _audit(ctx, session, "models.migrate", f"{name}@{version}", users=state.done, pairs=state.pairs)
+    finally:
+        bar.close()
+        engine.dispose()
+    typer.echo(f"migrated {state.done} users ({state.pairs} pairs) onto {name}@{version}; "
+               f"every user with feedback has a profile over it")
 
 
 @models_app.command("register")

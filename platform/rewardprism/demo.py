@@ -6,7 +6,10 @@
 3. the head set is registered in a SQLite store, and the Ray Serve scoring service starts on it;
 4. each simulated user sends 15 labelled pairs over HTTP (`POST /v1/users/{id}/feedback`) and gets a profile;
 5. one prompt with differently styled answers is scored for every user (`POST /v1/score`), and each user's
-   held-out pairs are compared (`POST /v1/compare`) with their profile and with the population's.
+   held-out pairs are compared (`POST /v1/compare`) with their profile and with the population's;
+6. a second head set (fewer components) is registered, every user is migrated onto it from their feedback
+   (`POST /admin/head-sets/demo/2/migrate`, a Ray actor), it is activated, and the held-out comparison is run
+   again: the users' personalized rankings survive the new model.
 
     python -m rewardprism.demo [--config configs/demo.yaml] [--override held_out=40 --override port=8001 ...]
 
@@ -66,9 +69,6 @@ def free_port(preferred: int) -> int:
 def fit_demo_head_set(workdir: Path, backbone: str, generator: SyntheticGenerator) -> Path:
     """Embed the population's pairs on Ray, decompose, add the population head, calibrate, save."""
     from rewardprism.backbone import load_backbone
-    from rewardprism.calibrate import fit_head_set
-    from rewardprism.drm import PreferenceDecomposition
-    from rewardprism.embed import EmbeddingSet
     from rewardprism.embed_ray import embed_pairs_ray
     from rewardprism.features import FeatureSpec
 
@@ -78,15 +78,24 @@ def fit_demo_head_set(workdir: Path, backbone: str, generator: SyntheticGenerato
                              shard_size=200, dataset="synthetic", progress=False)
     print(f"[2] embedded {report.n_pairs} pairs ({report.shards_written} shards on Ray, "
           f"{report.shards_reused} reused) with {backbone}")
+    return fit_from_embeddings(workdir, backbone, K, "1")
+
+
+def fit_from_embeddings(workdir: Path, backbone: str, components: int, version: str) -> Path:
+    """Decompose the embedded pairs into `components` PCs ±, add the population head, calibrate, save."""
+    from rewardprism.calibrate import fit_head_set
+    from rewardprism.drm import PreferenceDecomposition
+    from rewardprism.embed import EmbeddingSet
+
     embeddings = EmbeddingSet(workdir / "embeddings")
-    decomposition = PreferenceDecomposition(n_components=K).fit_shards(embeddings.shards())
+    decomposition = PreferenceDecomposition(n_components=components).fit_shards(embeddings.shards())
     chosen, rejected = embeddings.load()
     head_set = fit_head_set(decomposition, chosen, rejected, embeddings.pairs(), features=embeddings.features,
-                            dataset="synthetic", name="demo", version="1")
-    path = head_set.save(workdir / "heads")
+                            dataset="synthetic", name="demo", version=version)
+    path = head_set.save(workdir / f"heads-{version}")
     top = ", ".join(f"{r:.2f}" for r in decomposition.explained_variance_ratio_[:4])
-    print(f"    head set: {head_set.num_heads} heads ({K} PCs ±, + population), explained variance {top}, ...; "
-          f"adaptation's hyperprior centre {head_set.hyperprior_center} (cross-fitted)")
+    print(f"    head set demo/{version}: {head_set.num_heads} heads ({components} PCs ±, + population), explained "
+          f"variance {top}, ...; adaptation's hyperprior centre {head_set.hyperprior_center} (cross-fitted)")
     return path
 
 
@@ -143,14 +152,16 @@ def main(
     port = free_port(demo.port)
     start_service(url, demo.backbone, port)
     try:
-        run_users(f"http://127.0.0.1:{port}", token, generator, demo.held_out)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": token}, timeout=120)
+        run_users(client, generator, demo.held_out)
+        before = held_out_accuracy(client, generator, demo.held_out)
+        roll_out(client, fit_from_embeddings(workdir, demo.backbone, K // 2, "2"), generator, demo.held_out, before)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def run_users(base: str, token: str, generator: SyntheticGenerator, held_out_pairs: int = N_HELD_OUT) -> None:
-    client = httpx.Client(base_url=base, headers={"X-API-Key": token}, timeout=120)
+def run_users(client: httpx.Client, generator: SyntheticGenerator, held_out_pairs: int = N_HELD_OUT) -> None:
     print(f"[4] each user sends {N_FEEDBACK} labelled pairs")
     for user in DEFAULT_USERS:
         pairs = generator.pairs(user, N_FEEDBACK, offset=1)
@@ -177,21 +188,48 @@ def run_users(base: str, token: str, generator: SyntheticGenerator, held_out_pai
         scores = [item["score"] for item in reply.json()["scores"]]
         print("    " + f"{user.name if user else '(population)':12s}" + "".join(f"{s:16.2f}" for s in scores))
 
+
+def held_out_accuracy(client: httpx.Client, generator: SyntheticGenerator,
+                      held_out_pairs: int) -> dict[str, float]:
+    """Each user's share of held-out pairs ranked their way by their profile (printed beside the population's)."""
     print(f"    held-out accuracy on {held_out_pairs} new pairs per user: personalized vs population profile")
+
     def chosen_wins(pair: PreferencePair, user_id: str | None) -> bool:
         reply = client.post("/v1/compare", json={"user_id": user_id, "prompt": pair.prompt, "a": pair.chosen,
                                                  "b": pair.rejected})
         reply.raise_for_status()
         return reply.json()["probability_a"] > 0.5
 
+    accuracy = {}
     with ThreadPoolExecutor(16) as pool:  # requests in flight together: the service batches them
         for user in DEFAULT_USERS:
             held_out = generator.pairs(user, held_out_pairs, offset=2)
             personal = sum(pool.map(chosen_wins, held_out, [user.name] * len(held_out)))
             population = sum(pool.map(chosen_wins, held_out, [None] * len(held_out)))
+            accuracy[user.name] = personal / held_out_pairs
             print(f"    {user.name:9s} personalized {personal / held_out_pairs:.2f}   "
                   f"population {population / held_out_pairs:.2f}")
     print(f"    (one draw of {N_FEEDBACK} labels per user: another draw moves a user's row by a few points either way)")
+    return accuracy
+
+
+def roll_out(client: httpx.Client, heads_path: Path, generator: SyntheticGenerator, held_out_pairs: int,
+             before: dict[str, float]) -> None:
+    """Register demo/2, migrate every user onto it (a Ray actor), activate it, and compare their rankings."""
+    print("[6] a new head set: register demo/2, migrate every user's profile onto it, activate it")
+    client.post("/admin/head-sets", json={"uri": str(heads_path.resolve())}).raise_for_status()
+    client.post("/admin/head-sets/demo/2/migrate").raise_for_status()
+    while (status := client.get("/admin/head-sets/demo/2/migrate").json())["state"] in ("starting", "running"):
+        time.sleep(0.5)
+    if status["state"] != "done":
+        raise RuntimeError(f"the migration onto demo/2 failed: {status['error']}")
+    print(f"    migrated {status['users_done']} users ({status['pairs']} pairs) from their stored feedback")
+    client.post("/admin/head-sets/demo/2/activate").raise_for_status()
+    while client.post("/v1/score", json={"prompt": "hi", "responses": ["a"]}).json()["head_set"] != "demo@2":
+        time.sleep(0.5)  # every replica polls the registry
+    after = held_out_accuracy(client, generator, held_out_pairs)
+    print("    personalized rankings on demo@2 vs demo@1, with no new feedback: " + ", ".join(
+        f"{user} {after[user]:.2f} vs {before[user]:.2f}" for user in before))
 
 
 if __name__ == "__main__":

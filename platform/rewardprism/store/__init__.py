@@ -3,14 +3,15 @@
     settings = StoreSettings.from_env()              # DATABASE_URL, RP_DB_POOL_SIZE, ...
     sessions = make_sessions(make_engine(settings))
     profile = commit_with_retry(  # one transaction, rerun on ProfileConflict
-        sessions, lambda s: append_feedback_and_update_profile(s, "alice", pairs, adapt))
+        sessions, lambda s: append_feedback_and_update_profile(s, "alice", pairs, adapt, get_head_set(s, "default")))
 
 Helpers never commit: the caller owns the transaction (as in the full-stack FastAPI template), so "store the
 feedback and update the profile" commits or rolls back as one; `commit_with_retry` is the one wrapper that
 commits. Every write validates its input first (`checks`) and raises a StoreError subclass before touching the
-database, so bad input leaves nothing behind. One module per kind of record: `users`, `profiles` (and
-feedback), `head_sets`, `keys`, `audit`, `revocation` (the auth
-epoch, tombstones), `idempotency`, and `export` across them. Schema changes go through Alembic
+database, so bad input leaves nothing behind. One module per kind of record: `users`, `profiles` (one per user
+and head-set version, and feedback), `head_sets`, `keys`, `audit`, `revocation` (the auth epoch, tombstones),
+`idempotency`, and `export` across them; `rollout` migrates profiles onto a new version. Schema changes go
+through Alembic
 (`rewardprism db upgrade`).
 """
 from rewardprism.store.audit import record_audit

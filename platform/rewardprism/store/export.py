@@ -74,14 +74,14 @@ def import_user(session: Session, data: Mapping[str, Any], *, limits: Limits = D
         saved, disabled = data["profile"], data["disabled"]
         if not isinstance(disabled, bool):
             raise InvalidInput(f"disabled must be true or false, got {disabled!r}")
-        update, n_pairs = None, 0
+        update, head_set, n_pairs = None, None, 0
         if saved is not None:
             name = checks.text(saved["head_set"]["name"], "profile.head_set.name", HEAD_SET_NAME_MAX, empty_ok=False)
             version = saved["head_set"]["version"]
             version = checks.text(str(version) if isinstance(version, int) else version, "profile.head_set.version",
                             VERSION_MAX, empty_ok=False)
             head_set = get_head_set(session, name, version)
-            update = ProfileUpdate(saved["weights"], saved["method"], saved["bias"], head_set)
+            update = ProfileUpdate(saved["weights"], saved["method"], saved["bias"])
             n_pairs = saved["n_pairs"]
             if isinstance(n_pairs, bool) or not isinstance(n_pairs, int):
                 raise InvalidInput(f"profile.n_pairs must be an integer, got {n_pairs!r}")
@@ -89,7 +89,7 @@ def import_user(session: Session, data: Mapping[str, Any], *, limits: Limits = D
         user = create_user(session, external_id, display_name=display_name, metadata=metadata, limits=limits)
         user.created_at = created_at
         if update is not None:
-            write_profile(session, user, None, update, n_pairs=n_pairs)
+            write_profile(session, user, head_set, None, update, n_pairs=n_pairs)
         for start in range(0, len(feedback), IMPORT_BATCH):
             _import_feedback(session, user.id, feedback, start, limits)
     except InvalidInput:

@@ -96,10 +96,22 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     disabled: Mapped[bool] = mapped_column(default=False)
 
-    # Deleting a user deletes their profile, feedback and keys in the database (ON DELETE CASCADE).
-    profile: Mapped[ProfileRow | None] = relationship(
+    # One profile per head-set version the user was adapted onto. Deleting a user deletes their profiles,
+    # feedback and keys in the database (ON DELETE CASCADE).
+    profiles: Mapped[list[ProfileRow]] = relationship(
         back_populates="user", cascade="all, delete-orphan", passive_deletes=True
     )
+
+    def profile_on(self, head_set_id: int) -> ProfileRow | None:
+        """The user's profile over that head-set version (None: never adapted onto it)."""
+        return next((p for p in self.profiles if p.head_set_id == head_set_id), None)
+
+    @property
+    def profile(self) -> ProfileRow | None:
+        """The profile listings show: the one over an active head set, else the most recently updated."""
+        if not self.profiles:
+            return None
+        return max(self.profiles, key=lambda p: (p.head_set.active, p.updated_at, p.id))
 
 
 class HeadSetRow(Base):
@@ -139,7 +151,9 @@ class HeadSetRow(Base):
 
 
 class ProfileRow(Base):
-    """A user's weights over one head-set version. Scores are `weights · head_scores + bias`.
+    """A user's weights over one head-set version (one row per user and version). Scores are
+    `weights · head_scores + bias`. `n_pairs` counts the feedback pairs adapted from: feedback is append-only,
+    so a profile with as many pairs as the user has feedback is up to date.
 
     `version` is the optimistic lock: every ORM update runs `... WHERE version = <loaded>` and bumps it, so
     two writers that read the same version cannot both win (the loser gets ProfileConflict and retries).
@@ -149,10 +163,11 @@ class ProfileRow(Base):
     __table_args__ = (
         sa.CheckConstraint(_one_of("method", PROFILE_METHODS), name="method"),
         sa.CheckConstraint("n_pairs >= 0", name="n_pairs"),
+        sa.UniqueConstraint("user_id", "head_set_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), unique=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
     head_set_id: Mapped[int] = mapped_column(sa.ForeignKey("head_sets.id", ondelete="RESTRICT"), index=True)
     weights: Mapped[list[float]] = mapped_column(FloatVector)
     bias: Mapped[float] = mapped_column(sa.Double, default=0.0)
@@ -162,7 +177,7 @@ class ProfileRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    user: Mapped[User] = relationship(back_populates="profile")
+    user: Mapped[User] = relationship(back_populates="profiles")
     head_set: Mapped[HeadSetRow] = relationship()
 
     __mapper_args__: ClassVar[dict[str, Any]] = {"version_id_col": version}

@@ -42,7 +42,6 @@ class ProfileUpdate:
     weights: Sequence[float]
     method: str
     bias: float = 0.0
-    head_set: HeadSetRow | None = None  # None keeps the profile's; required for a user's first profile
 
 
 # Given the profile (None before the first) and all of the user's feedback, oldest first (the new pairs last).
@@ -82,13 +81,13 @@ def check_feedback_pair(pair: FeedbackPair, limits: Limits = DEFAULT_LIMITS) -> 
 
 
 
-def get_profile(session: Session, external_id: str) -> ProfileRow | None:
-    """The user's profile with its user and head set, in one query: the scoring fast path."""
+def get_profile(session: Session, external_id: str, head_set: HeadSetRow) -> ProfileRow | None:
+    """The user's profile over `head_set`, with its user and head set, in one query: the scoring fast path."""
     query = (
         sa.select(ProfileRow)
         .join(ProfileRow.user)
         .join(ProfileRow.head_set)
-        .where(User.external_id == external_id)
+        .where(User.external_id == external_id, ProfileRow.head_set_id == head_set.id)
         .options(contains_eager(ProfileRow.user), contains_eager(ProfileRow.head_set))
     )
     return session.scalars(query).one_or_none()
@@ -106,31 +105,30 @@ def checked_update(
 def write_profile(
     session: Session,
     user: User,
+    head_set: HeadSetRow,
     expected_version: int | None,
     update: ProfileUpdate,
     n_pairs: int | None,
     new_feedback: Sequence[Feedback] = (),
 ) -> ProfileRow:
-    """Check everything, then add `new_feedback` and write the profile: on any error nothing was added."""
+    """Check everything, then add `new_feedback` and write the user's profile over `head_set`: on any error
+    nothing was added. The user's profiles over other head sets are left as they are."""
     external_id = user.external_id  # for the errors: a failed flush expires `user`
     if user.disabled:
         raise UserDisabled(f"user {external_id!r} is disabled")
-    profile = user.profile
+    profile = user.profile_on(head_set.id)
     if (profile.version if profile else None) != expected_version:
         raise ProfileConflict(external_id, expected_version)
-    head_set = update.head_set or (profile.head_set if profile else None)
-    if head_set is None:
-        raise InvalidInput(f"user {external_id!r} has no profile yet: name the head set its weights are over")
     weights, bias, method = checked_update(update, head_set, n_pairs)
     for row in new_feedback:
         row.user_id = user.id
     session.add_all(new_feedback)
     if profile is None:
         profile = ProfileRow(user=user, head_set=head_set, weights=weights, bias=bias, method=method,
-                          n_pairs=n_pairs or 0)
+                             n_pairs=n_pairs or 0)
         session.add(profile)
     else:
-        profile.head_set, profile.weights, profile.bias, profile.method = head_set, weights, bias, method
+        profile.weights, profile.bias, profile.method = weights, bias, method
         if n_pairs is not None:
             profile.n_pairs = n_pairs
         flag_modified(profile, "weights")  # always UPDATE, so the version moves even when nothing else did
@@ -146,26 +144,26 @@ def save_profile(
     external_id: str,
     weights: Sequence[float],
     *,
+    head_set: HeadSetRow,
     expected_version: int | None,
     method: str,
     bias: float = 0.0,
     n_pairs: int | None = None,
-    head_set: HeadSetRow | None = None,
 ) -> ProfileRow:
-    """Write the user's weights if their profile is still at `expected_version` (None: they have none yet).
+    """Write the user's weights over `head_set` if that profile is still at `expected_version` (None: none yet).
 
     Raises ProfileConflict when another writer got there first: roll back and retry (see commit_with_retry).
-    `head_set` switches the profile to another head set (required for a first profile).
     """
-    update = ProfileUpdate(weights=weights, method=method, bias=bias, head_set=head_set)
-    return write_profile(session, get_user(session, external_id), expected_version, update, n_pairs)
+    update = ProfileUpdate(weights=weights, method=method, bias=bias)
+    return write_profile(session, get_user(session, external_id), head_set, expected_version, update, n_pairs)
 
 
 def reset_profile(session: Session, external_id: str, head_set: HeadSetRow) -> ProfileRow:
     """Back to `head_set`'s default weights, as if the user had given no feedback."""
     user = get_user(session, external_id)
-    update = ProfileUpdate(weights=head_set.default_weights, method=POPULATION_METHOD, head_set=head_set)
-    return write_profile(session, user, user.profile.version if user.profile else None, update, n_pairs=0)
+    current = user.profile_on(head_set.id)
+    update = ProfileUpdate(weights=head_set.default_weights, method=POPULATION_METHOD)
+    return write_profile(session, user, head_set, current.version if current else None, update, n_pairs=0)
 
 
 def append_feedback_and_update_profile(
@@ -173,10 +171,12 @@ def append_feedback_and_update_profile(
     external_id: str,
     pairs: Sequence[FeedbackPair],
     adapt: Adapter,
+    head_set: HeadSetRow,
     *,
     limits: Limits = DEFAULT_LIMITS,
 ) -> ProfileRow:
-    """Store the user's new pairs and re-adapt their profile from all their feedback, in one transaction.
+    """Store the user's new pairs and re-adapt their profile over `head_set` from all their feedback, in one
+    transaction.
 
     `adapt` sees the stored pairs and then the new ones (not yet written); nothing is written unless its
     result is valid. The profile is read before the feedback, so its version covers every pair `adapt` sees:
@@ -188,10 +188,12 @@ def append_feedback_and_update_profile(
     user = get_user(session, external_id)
     if user.disabled:  # checked again when writing, but before `adapt`: it may be costly
         raise UserDisabled(f"user {external_id!r} is disabled")
-    expected_version = user.profile.version if user.profile else None
+    current = user.profile_on(head_set.id)
+    expected_version = current.version if current else None
     history = [*feedback_of(session, user), *rows]
-    update = adapt(user.profile, history)
-    return write_profile(session, user, expected_version, update, n_pairs=len(history), new_feedback=rows)
+    update = adapt(current, history)
+    return write_profile(session, user, head_set, expected_version, update, n_pairs=len(history),
+                         new_feedback=rows)
 
 
 def feedback_of(session: Session, user: User) -> list[Feedback]:
@@ -201,4 +203,3 @@ def feedback_of(session: Session, user: User) -> list[Feedback]:
 def list_feedback(session: Session, external_id: str) -> list[Feedback]:
     """The user's feedback, oldest first."""
     return feedback_of(session, get_user(session, external_id))
-

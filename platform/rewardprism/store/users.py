@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, contains_eager
+from sqlalchemy.orm import Session, contains_eager, selectinload
 
 from rewardprism.store import checks
 from rewardprism.store.config import DEFAULT_LIMITS, Limits
@@ -29,13 +29,13 @@ class Page(Generic[T]):
 
 
 def _find_user(session: Session, external_id: str) -> User | None:
-    """The user with their profile and its head set, in one query (None if unknown)."""
+    """The user with their profiles and their head sets, in one query (None if unknown)."""
     query = (
         sa.select(User)
-        .outerjoin(User.profile)
+        .outerjoin(User.profiles)
         .outerjoin(ProfileRow.head_set)
         .where(User.external_id == external_id)
-        .options(contains_eager(User.profile).contains_eager(ProfileRow.head_set))
+        .options(contains_eager(User.profiles).contains_eager(ProfileRow.head_set))
     )
     return session.scalars(query).unique().one_or_none()
 
@@ -115,22 +115,23 @@ def list_users(
     method: str | None = None,
     head_set_name: str | None = None,
 ) -> Page[User]:
-    """Users in creation order, each with its profile loaded; `search` matches external id or display name."""
+    """Users in creation order, each with its profiles loaded; `search` matches external id or display name,
+    `method` and `head_set_name` users with any profile that matches."""
     if offset < 0 or not 1 <= limit <= MAX_PAGE:
         raise InvalidInput(f"need offset >= 0 and 1 <= limit <= {MAX_PAGE}; got {offset} and {limit}")
-    query = sa.select(User).outerjoin(User.profile).outerjoin(ProfileRow.head_set)
+    query = sa.select(User)
     if search:
         query = query.where(sa.or_(User.external_id.icontains(search, autoescape=True),
                                   User.display_name.icontains(search, autoescape=True)))
     if disabled is not None:
         query = query.where(User.disabled == disabled)
     if method is not None:
-        query = query.where(ProfileRow.method == checks.choice(method, "method", PROFILE_METHODS))
+        query = query.where(User.profiles.any(ProfileRow.method == checks.choice(method, "method", PROFILE_METHODS)))
     if head_set_name is not None:
-        query = query.where(HeadSetRow.name == head_set_name)
+        query = query.where(User.profiles.any(ProfileRow.head_set.has(HeadSetRow.name == head_set_name)))
     total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
-    page = query.options(contains_eager(User.profile).contains_eager(ProfileRow.head_set))
-    items = session.scalars(page.order_by(User.id).offset(offset).limit(limit)).unique().all()
+    page = query.options(selectinload(User.profiles).joinedload(ProfileRow.head_set))
+    items = session.scalars(page.order_by(User.id).offset(offset).limit(limit)).all()
     return Page(items=list(items), total=total, offset=offset, limit=limit)
 
 
