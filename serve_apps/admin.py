@@ -191,7 +191,8 @@ class AdminOperations:
     def _migrations(self, caller: data.Caller) -> Migrations:
         authorize_admin(caller)
         if self.migrations is None:
-            raise ApiError(501, "this service runs no migrations: use `rewardprism models migrate`")
+            raise ApiError(409, "this service runs no migrations (it is not on Ray): use `rewardprism models "
+                                "migrate` and `models activate --require-no-regression`")
         return self.migrations
 
     async def create_key(self, caller: data.Caller, body: schemas.KeyCreate) -> schemas.KeyCreated:

@@ -499,7 +499,12 @@ class ScoringService:
                 raise ApiError(422, str(exc), [f"pairs[{i}]"]) from None
         started = time.perf_counter()
         lock = self._user_locks.setdefault(user, asyncio.Lock())
-        async with lock:  # this replica's writers for one user queue here rather than conflict in the database
+        try:  # this replica's writers for one user queue here rather than conflict in the database, within the
+            # deadline of a database call: behind a hung one they answer 503 in time instead of queueing on
+            await asyncio.wait_for(lock.acquire(), self.settings.db_call_timeout_s)
+        except TimeoutError:
+            raise Unavailable("this user's earlier feedback is still waiting for the database; retry") from None
+        try:
             known = await self._pair_scores(served, pairs, reject=self.settings.over_length == "reject")
             for attempt in range(FEEDBACK_ATTEMPTS):
                 try:
@@ -515,6 +520,8 @@ class ScoringService:
             else:
                 raise ApiError(409, "the profile kept changing under concurrent feedback; retry")
             self.profiles.put(user, UserState(True, profile))
+        finally:
+            lock.release()
         self.metrics.adapted(time.perf_counter() - started, len(pairs))
         return out
 

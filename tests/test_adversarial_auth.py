@@ -263,6 +263,29 @@ def test_keys_hashed_with_scrypt_still_verify_and_are_rehashed_on_use(sessions):
         assert store.verify_api_key(session, token).hash_scheme == "sha256"
 
 
+def test_guesses_at_a_scrypt_key_cost_a_bounded_number_of_hashes(sessions, monkeypatch):
+    """A key made before 0002 and never used since still hashes with scrypt: 50 wrong secrets at once cost the
+    budget's burst of hashes, not 50; once the budget refills, its owner's secret works."""
+    from rewardprism.store import keys
+
+    salt, secret = secrets.token_bytes(16), secrets.token_urlsafe(32)
+    with sessions.begin() as session:
+        session.add(store.ApiKey(prefix="5d5d5d5d", salt=salt, scopes=["score"], hash_scheme="scrypt",
+                                 key_hash=hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)))
+    now = [0.0]
+    monkeypatch.setattr(keys, "LEGACY_HASHES", keys.LegacyHashBudget(burst=3, per_s=1, clock=lambda: now[0]))
+    hashed = []
+    scrypt = hashlib.scrypt
+    monkeypatch.setattr(hashlib, "scrypt", lambda *a, **k: hashed.append(1) or scrypt(*a, **k))
+    with sessions.begin() as session:
+        for _ in range(50):
+            with pytest.raises(store.InvalidApiKey, match="invalid or revoked"):
+                store.verify_api_key(session, f"rp_5d5d5d5d_{secrets.token_urlsafe(32)}")
+        assert len(hashed) == 3
+        now[0] = 1.0  # a second later: one more attempt may hash
+        assert store.verify_api_key(session, f"rp_5d5d5d5d_{secret}").hash_scheme == "scrypt"
+
+
 def test_delete_disable_and_revoke_move_the_auth_epoch_and_a_deleted_user_is_not_recreated(sessions):
     with sessions.begin() as session:
         epochs = [store.auth_epoch(session)]

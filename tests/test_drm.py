@@ -165,7 +165,7 @@ def test_head_set_layout_defaults_and_round_trip(tmp_path):
 def test_loading_a_head_set_without_its_content_hash_is_a_clear_error(tmp_path):
     """A headset.json missing `content_hash` is bad input (ValueError naming the folder), not a KeyError."""
     chosen, rejected, _ = structured_pairs()
-    heads = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), None, backbone="test")
+    heads = build_head_set(PreferenceDecomposition(2).fit(chosen, rejected), None, features=TEST_FEATURES)
     folder = heads.save(tmp_path / "h")
     meta = json.loads((folder / "headset.json").read_text())
     del meta["content_hash"]

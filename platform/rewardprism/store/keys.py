@@ -7,14 +7,18 @@ everyone: every wrong secret sent with a public prefix cost the server tens of m
 service) and answered measurably slower than an unknown prefix (an oracle for which prefixes exist). Now a
 wrong secret and an unknown prefix both cost one SHA-256 and one indexed lookup. Keys made before revision 0002
 keep their scrypt hash ("scrypt") and verify as before; `upgrade_api_key_hash` rehashes one after a successful
-use, so only keys never used since then still pay scrypt.
+use, so only keys never used since then still pay scrypt, and those within a budget per prefix
+(`LegacyHashBudget`): guessing at one never costs a process more than a few scrypt hashes a second.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, contains_eager
@@ -29,6 +33,35 @@ HASH_SCHEME = "sha256"  # of new keys
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}  # keys from before revision 0002 only
 # What an unknown prefix is checked against (salt, hash, scheme): it hashes and compares as a wrong secret does.
 _UNKNOWN = (bytes(16), bytes(32), HASH_SCHEME)
+
+
+class LegacyHashBudget:
+    """A token bucket per prefix for scrypt verifications, in this process.
+
+    Every attempt at a legacy key takes a token (`burst` at most, `per_s` more each second); without one the
+    key is refused as a wrong secret is, before any hashing. Its owner's first success rehashes it (the service
+    calls `upgrade_api_key_hash`), so only a key under attack that was never used since 0002 can be refused for
+    a moment; it costs a process at most `per_s` scrypt hashes a second per prefix whatever is sent.
+    """
+
+    def __init__(self, burst: float = 5.0, per_s: float = 1.0, prefixes: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.burst, self.per_s, self.prefixes, self.clock = burst, per_s, prefixes, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # prefix → (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, prefix: str) -> bool:
+        with self._lock:
+            now = self.clock()
+            tokens, then = self._buckets.pop(prefix, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.per_s)
+            self._buckets[prefix] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
+            while len(self._buckets) > self.prefixes:
+                self._buckets.popitem(last=False)
+            return tokens >= 1
+
+
+LEGACY_HASHES = LegacyHashBudget()
 
 
 def _scopes(scopes: Iterable[str]) -> list[str]:
@@ -80,6 +113,8 @@ def verify_api_key(session: Session, token: str, scope: str | None = None) -> Ap
     found = session.execute(sa.select(ApiKey.id, ApiKey.salt, ApiKey.key_hash, ApiKey.hash_scheme)
                             .where(ApiKey.prefix == prefix)).first() if parsed else None
     salt, stored, scheme = _UNKNOWN if found is None else (found.salt, found.key_hash, found.hash_scheme)
+    if scheme != HASH_SCHEME and not LEGACY_HASHES.take(prefix):
+        raise InvalidApiKey("invalid or revoked API key")
     if not hmac.compare_digest(_hash_secret(secret, salt, scheme), stored) or found is None:
         raise InvalidApiKey("invalid or revoked API key")
     key = session.get_one(ApiKey, found.id)  # only now the whole key: a wrong secret costs no more than above
