@@ -1,12 +1,23 @@
 """Loaders on the real files in ../shared, TRL formats, errors that name file/row/field, splits, synthetic truth."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 
 import numpy as np
 import pytest
-from rewardprism.data import DataError, PreferencePair, load_pairs, render, save_pairs, split_by_prompt
+from rewardprism.data import (
+    SPLIT_RULE,
+    DataError,
+    PreferencePair,
+    load_pairs,
+    normalized_prompt,
+    render,
+    save_pairs,
+    split_by_prompt,
+    split_record,
+)
 from rewardprism.synthetic import ATTRIBUTES, DEFAULT_USERS, SyntheticGenerator, rating_matrix
 
 
@@ -125,11 +136,30 @@ def test_split_by_prompt_is_deterministic_and_disjoint():
     assert not {pairs[i].prompt_key for i in train} & {pairs[i].prompt_key for i in test}
     assert (train, test) == split_by_prompt(pairs, 0.5, seed=0)
     assert test != split_by_prompt(pairs, 0.5, seed=1)[1]
-    # the reference's rule, stated directly
-    keys = list(dict.fromkeys(p.prompt_key for p in pairs))
-    order = np.random.default_rng(0).permutation(len(keys))
-    test_keys = {keys[i] for i in order[: round(len(keys) / 2)]}
-    assert test == [i for i, p in enumerate(pairs) if p.prompt_key in test_keys]
+    assert abs(len({pairs[i].prompt_key for i in test}) / len({p.prompt_key for p in pairs}) - 0.5) < 0.15
+
+
+def test_split_by_prompt_depends_on_the_prompt_alone():
+    """Two folders with the same prompts in another order, each dropping other rows (ties, missing labels), and
+    one writing the prompts with other spacing, put every shared prompt on the same side (issue 19)."""
+    pairs = SyntheticGenerator(0).dataset(200)
+    first = [p for i, p in enumerate(pairs) if i % 7 != 3]
+    gone = {p.prompt for p in pairs[:6]}  # prompts the second folder lost every row of
+    second = [dataclasses.replace(p, prompt="  " + p.prompt.replace(" ", "   ") + "\n")
+              for i, p in enumerate(reversed(pairs)) if i % 5 != 1 and p.prompt not in gone]
+    sides = []
+    for folder in (first, second):
+        train, test = split_by_prompt(folder, 0.5, seed=3)
+        sides.append({normalized_prompt(folder[i].prompt): i in set(test) for i in train + test})
+    shared = sides[0].keys() & sides[1].keys()
+    assert len(shared) > 100 and len(sides[0]) > len(sides[1]) and len(first) != len(second)
+    assert all(sides[0][k] == sides[1][k] for k in shared)
+    assert any(sides[0].values()) and not all(sides[0].values())
+    # chat messages: canonical JSON, so key order and spacing do not matter either
+    chat = [PreferencePair([{"role": "user", "content": f"q {i}"}], "a", "b") for i in range(40)]
+    respaced = [PreferencePair([{"content": f" q  {i} ", "role": "user"}], "a", "b") for i in range(40)]
+    assert split_by_prompt(chat, 0.3, 1) == split_by_prompt(respaced, 0.3, 1)
+    assert split_record(0.3, 1) == {"rule": SPLIT_RULE, "seed": 1, "test_fraction": 0.3}
 
 
 def test_synthetic_ground_truth_matches_text_and_labels():

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from report import finish
-from rewardprism.calibrate import fit_head_set
+from rewardprism.calibrate import choose_population_l2, fit_head_set
 from rewardprism.cli_common import fail, overrides
 from rewardprism.config import ConfigError, load_config
 from rewardprism.data import DataError, groups_of
@@ -124,9 +124,10 @@ def load_data(sweep: DrmSweep) -> SweepData:
     train_chosen, train_rejected, train_pairs = split.training()
     decomposition = PreferenceDecomposition(largest).fit(train_chosen, train_rejected)
     # one population head for every k: fitted on the same pairs whatever k is
-    population = fit_population_head(train_chosen, train_rejected) if sweep.population_head else False
+    l2 = choose_population_l2(train_chosen, train_rejected, train_pairs)["l2"] if sweep.population_head else None
+    population = fit_population_head(train_chosen, train_rejected, l2=l2) if sweep.population_head else False
     head_sets = {k: fit_head_set(first_components(decomposition, k), train_chosen, train_rejected, train_pairs,
-                                 population_head=population, features=features,
+                                 population_head=population, l2=l2, features=features, split=split.fitted_on(),
                                  dataset=embeddings.index.get("dataset", sweep.embeddings))
                  for k in sweep.heads}
     return SweepData(split, head_sets)

@@ -1,8 +1,9 @@
 """`rewardprism decompose | adapt | evaluate`: the DRM path from embeddings to head sets, profiles and tables.
 
-Every command reads an embedding folder written by `rewardprism embed`. Train and test are the reference's split
-by prompt (`--test-fraction`, `--split-seed`), so `decompose --split train` and `evaluate` on the same folder
-never share a prompt.
+Every command reads an embedding folder written by `rewardprism embed`. Train and test are a split by prompt that
+is a function of the prompt alone (`data.split_by_prompt`: `--test-fraction`, `--split-seed`); `decompose`
+records it in the head set, and `evaluate` splits any folder by that record, so a head set is never scored on a
+prompt of its training half, whichever dataset it was fitted on.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def decompose(
 ) -> None:
     """Principal directions of preference differences as a head set (+PCs, −PCs, optional population head)."""
     from rewardprism.calibrate import fit_head_set
+    from rewardprism.data import split_record
     from rewardprism.drm import PreferenceDecomposition
     from rewardprism.drm_ray import decompose_folder
 
@@ -54,15 +56,15 @@ def decompose(
         if in_memory:
             rows = np.arange(len(data)) if rows is None else rows
             chosen, rejected = (features[rows] for features in data.load())
+            everything = data.pairs()
+            pairs = [everything[i] for i in rows]
         if in_memory and not ray:
             decomposition = PreferenceDecomposition(components).fit(chosen, rejected)
         else:
             decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
-        if calibrate:
-            everything = data.pairs()
-            pairs = [everything[i] for i in rows]
         head_set = fit_head_set(decomposition, chosen, rejected, pairs, population_head=population_head,
                                 calibrate=calibrate, features=data.features, name=name, version=version,
+                                split={**split_record(test_fraction, split_seed), "part": split},
                                 dataset=f"{data.index.get('dataset') or embeddings} [{split}]")
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
@@ -123,11 +125,17 @@ def evaluate(
     prior: Annotated[bool, typer.Option(help="adapt from the head set's default profile (--no-prior: from "
                                              "zero, few-shot alone)")] = True,
     baselines: Annotated[bool, typer.Option(help="random head sets and the supervised head")] = True,
-    test_fraction: TestFraction = 0.5,
-    split_seed: SplitSeed = 0,
+    test_fraction: Annotated[float | None, typer.Option(help="share of prompts in the test split, for a head set "
+                                                             "that records no split (default 0.5)")] = None,
+    split_seed: Annotated[int | None, typer.Option(help="seed of the split by prompt, for a head set that "
+                                                        "records no split (default 0)")] = None,
     out: Annotated[Path | None, typer.Option(help="write the markdown tables here (and the data as .json)")] = None,
 ) -> None:
-    """The DRM paper's protocol: per group, n labelled pairs × seeds, mean (std) accuracy, baselines."""
+    """The DRM paper's protocol: per group, n labelled pairs × seeds, mean (std) accuracy, baselines.
+
+    The folder is split by the head set's recorded split, so on any dataset only prompts outside the head set's
+    training half are tested on.
+    """
     from rewardprism.adapt import METHODS
     from rewardprism.evaluate import Split, drm_report, to_markdown
 
@@ -139,20 +147,35 @@ def evaluate(
     if min(n_values) < 1:
         fail(f"--n: must be at least 1, got {min(n_values)}")
     head_set = _head_set(heads)
-    splits = []
+    recorded = head_set.info.get("split")
+    for option, value, key in (("--test-fraction", test_fraction, "test_fraction"),
+                               ("--split-seed", split_seed, "seed")):
+        if recorded is not None and value is not None and value != recorded[key]:
+            fail(f"{option}: the head set was fitted on the split with {key} {recorded[key]}; evaluating on "
+                 f"another split would test on its training prompts (leave {option} out)")
+    splits, warnings = [], set()
     for option, path in (("--embeddings", embeddings), ("--adapt-from", adapt_from)):
         if path is not None:
             data = _embeddings(path, option)
             _check_features(head_set, data, option)
             try:
-                splits.append(Split.of(*data.load(), data.pairs(), test_fraction, split_seed))
+                split_data, warning = Split.held_out_from(head_set, *data.load(), data.pairs(),
+                                                          0.5 if test_fraction is None else test_fraction,
+                                                          split_seed or 0)
             except ValueError as exc:
                 fail(f"{option}: {exc}")
+            splits.append(split_data)
+            warnings.add(warning)
+    for warning in warnings - {None}:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"{len(splits[0].test)} of the {len(splits[0].pairs)} pairs in --embeddings are on prompts outside "
+               "the head set's training half: testing on them", err=True)
     try:
         report = drm_report(splits[0], head_set, n_values=n_values, methods=chosen_methods, seeds=range(seeds),
                             adapt_from=splits[1] if adapt_from else None, use_prior=prior, baselines=baselines)
     except ValueError as exc:
         fail(str(exc))
+    report["held_out"] = {"record": recorded, "test_pairs": len(splits[0].test), "folder_pairs": len(splits[0].pairs)}
     markdown = to_markdown(report)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -395,21 +396,57 @@ _PARSERS = {
 
 # ----------------------------------------------------------------------------------------------- splits
 
-def split_by_prompt(pairs: Sequence[PreferencePair], test_fraction: float = 0.5,
-                    seed: int = 0) -> tuple[list[int], list[int]]:
-    """Deterministic train/test indices with no prompt on both sides.
+SPLIT_RULE = "blake2b-normalized-prompt-v1"
 
-    Unique prompts, in order of first appearance, are permuted by `numpy.random.default_rng(seed)`; the first
-    `round(test_fraction * #prompts)` go to test.
+
+def normalized_prompt(prompt: Prompt) -> str:
+    """The text a split hashes: NFC, whitespace runs collapsed, ends stripped; chat messages as canonical JSON.
+
+    Two files that write the same instruction with different spacing or key order fall on the same side.
+    """
+    def clean(text: str) -> str:
+        return " ".join(unicodedata.normalize("NFC", text).split())
+
+    if isinstance(prompt, str):
+        return clean(prompt)
+    return json.dumps([{k: clean(v) for k, v in m.items()} for m in prompt], sort_keys=True, ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+def split_record(test_fraction: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """How `split_by_prompt` splits, as a head set records it (`info["split"]`): rule, seed and test fraction."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    return {"rule": SPLIT_RULE, "seed": int(seed), "test_fraction": float(test_fraction)}
+
+
+def prompt_bucket(prompt: Prompt, seed: int | str) -> float:
+    """A uniform number in [0, 1) that depends only on the normalized prompt and the seed.
+
+    Splits made inside a training half (cross-fitting, cross-validation) take string seeds of their own: with
+    the half's seed they would all fall on one side of it.
+    """
+    digest = hashlib.blake2b(normalized_prompt(prompt).encode(), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def split_by_prompt(pairs: Sequence[PreferencePair], test_fraction: float = 0.5,
+                    seed: int | str = 0) -> tuple[list[int], list[int]]:
+    """Train/test indices with no prompt on both sides, each prompt's side a function of the prompt alone.
+
+    A prompt is in test when its seeded hash (`prompt_bucket`) is below `test_fraction`, so two datasets that
+    share prompts share the split whatever rows either drops or however they are ordered (the earlier split
+    permuted prompts in order of first appearance, and a dropped row moved others across). The test share is
+    `test_fraction` up to binomial noise.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    keys = list(dict.fromkeys(p.prompt_key for p in pairs))
-    order = np.random.default_rng(seed).permutation(len(keys))
-    n_test = int(round(test_fraction * len(keys)))
-    test_keys = {keys[i] for i in order[:n_test]}
-    train = [i for i, p in enumerate(pairs) if p.prompt_key not in test_keys]
-    test = [i for i, p in enumerate(pairs) if p.prompt_key in test_keys]
+    buckets: dict[str, float] = {}
+    for p in pairs:
+        if p.prompt_key not in buckets:
+            buckets[p.prompt_key] = prompt_bucket(p.prompt, seed)
+    train = [i for i, p in enumerate(pairs) if buckets[p.prompt_key] >= test_fraction]
+    test = [i for i, p in enumerate(pairs) if buckets[p.prompt_key] < test_fraction]
     return train, test
 
 

@@ -154,7 +154,12 @@ class PreferenceDecomposition:
         return (diff - self.mean_) @ self.components_.T
 
 
-def fit_population_head(chosen: np.ndarray, rejected: np.ndarray, *, l2: float = 0.5,
+# The population head's L2 strength when none is chosen: the reference's supervised baseline (sklearn C=1). The
+# head set's own population head chooses by cross-validation (`calibrate.choose_population_l2`).
+FIXED_L2 = 0.5
+
+
+def fit_population_head(chosen: np.ndarray, rejected: np.ndarray, *, l2: float = FIXED_L2,
                         sample_weight: np.ndarray | None = None, max_iter: int = 200) -> np.ndarray:
     """The Bradley-Terry direction w (d,): minimizes Σᵢ cᵢ log(1 + exp(−w·dᵢ)) + l2/2 ‖w‖².
 

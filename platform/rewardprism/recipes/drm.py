@@ -131,7 +131,8 @@ class DrmRecipe:
         data = Split.of(*embedded.load(), embedded.pairs(), c.test_fraction, c.split_seed)
         decomposition = decompose_folder(self.embeddings, c.n_components, rows=data.train, use_ray=c.use_ray)
         self.head_set = fit_head_set(decomposition, *data.training(), population_head=c.population_head,
-                                     features=embedded.features, dataset=f"{c.dataset} [train split]")
+                                     features=embedded.features, split=data.fitted_on("train"),
+                                     dataset=f"{c.dataset} [train split]")
         adapt_from = None
         if c.adapt_from is not None:
             other = EmbeddingSet(c.adapt_from)
