@@ -11,9 +11,9 @@ Baselines, as the paper's tables: the population profile (no feedback), single h
 best head per group as an oracle), HyRe over random head sets (uniform and Gaussian directions), one profile
 over the head set fitted on every training pair (how much of the pooled preference the heads hold), and a fully
 supervised Bradley-Terry head on every training pair (its L2 chosen by cross-validation, as the population
-head's). Gap shares read the honest accuracies; the reference protocol's are printed beside them where they
-differ. Cross-annotator personalization adapts on one
-annotator's pairs and scores another's. RewardBench-style section scores apply to data whose groups are
+head's; the same head at the fixed L2 beside it). Gap shares read the honest accuracies; the reference
+protocol's are printed beside them where they differ. Cross-annotator personalization adapts on one annotator's
+pairs and scores another's. RewardBench-style section scores apply to data whose groups are
 RewardBench subsets.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from rewardprism.adapt import DEFAULT_STRENGTH, STRENGTHS, Method, adapt_users, prior_strength_evidence
 from rewardprism.calibrate import choose_population_l2
 from rewardprism.data import SPLIT_RULE, PreferencePair, groups_of, split_by_prompt, split_record
-from rewardprism.drm import fit_population_head
+from rewardprism.drm import FIXED_L2, fit_population_head
 from rewardprism.heads import HeadSet
 from rewardprism.protocol import (
     SEEDS,
@@ -204,7 +204,11 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
         rows.append(fixed_profile(test, fit_population_head(heads.scores(train_chosen), heads.scores(train_rejected)),
                                   f"best profile over these heads, all {len(data.train)} training pairs"))
         rows.append(fixed_profile(data.scored(supervised[None]), np.ones(1),
-                                  f"supervised BT head, all {len(data.train)} training pairs"))
+                                  f"supervised BT head, all {len(data.train)} training pairs "
+                                  f"(L2 {supervised_l2['l2']:g}, cross-validated)"))
+        fixed = fit_population_head(train_chosen, train_rejected, l2=FIXED_L2)  # the reference's, sklearn C=1
+        rows.append(fixed_profile(data.scored(fixed[None]), np.ones(1),
+                                  f"BT head at the fixed L2 {FIXED_L2:g}, all {len(data.train)} training pairs"))
     report: dict[str, Any] = {
         "head_set": {k: heads.metadata()[k] for k in ("name", "version", "backbone", "dataset", "num_heads",
                                                          "content_hash")},
@@ -380,7 +384,8 @@ def _split_text(report: dict[str, Any]) -> str:
     text = f"rule `{split.get('rule')}`, seed {split.get('seed')}, test fraction {split.get('test_fraction')}"
     if held:
         text += (f"; {held['test_pairs']} of the folder's {held['folder_pairs']} pairs are on prompts outside the "
-                 f"head set's training half ({held['record'] or 'no split recorded'})")
+                 "head set's training half" if held["record"] else
+                 "; the head set records no split, so its training prompts may be among the test pairs")
     return text
 
 
