@@ -214,6 +214,9 @@ def test_gap_share_is_honest_on_a_hand_made_example():
         (reference - population) / (ceiling - population))
     assert honest != pytest.approx(reference)  # the two protocols differ here, so the test can tell them apart
     assert "reference protocol" in to_markdown(report)
+    one = Split.of(chosen, rejected, [dataclasses.replace(p, group="a") for p in pairs])
+    markdown = to_markdown(drm_report(one, heads, n_values=[4], methods=["bt"], seeds=range(2), baselines=False))
+    assert "| | all pairs |" in markdown and "overall" not in markdown  # one group: one column, not three
 
 
 def test_calibrated_hyperprior_is_weak_when_users_differ_and_strong_when_they_agree():

@@ -337,8 +337,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"`{head['backbone']}`, hash `{head['content_hash']}`); {report['pairs']['train']} training / "
              f"{report['pairs']['test']} test pairs; {report['seeds']} seeds; adaptation prior: "
              f"{report['prior']}; split by prompt: {_split_text(report)}."), ""]
-    for variant, title in (("reference", "adaptation pairs left in the test set (the reference's protocol)"),
-                           ("honest", "adaptation pairs removed from the test set")):
+    for variant, title in (("honest", "adaptation pairs removed from the test set"),
+                           ("reference", "reference protocol (adaptation pairs left in the test set, as the paper)")):
         lines += [f"Accuracy, {title}:", "", "| | " + " | ".join(columns) + " |",
                   "|---|" + "---|" * len(columns)]
         lines += [f"| {row['label']} | " + " | ".join(_cell(row[variant].get(c)) for c in columns) + " |"
