@@ -3,6 +3,7 @@ and the train_drm recipe."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def test_cross_source_adaptation_needs_the_same_heads_and_groups():
     with pytest.raises(ValueError, match="group 'a' has no pairs"):
         evaluate_adaptation(test, 2, method="hyre", source=scored(["z"] * 8))
     result = evaluate_adaptation(test, 2, method="hyre", source=scored(["a"] * 8, seed=2), seeds=range(2))
-    assert result.honest_correct is None and result.summary(honest=True) == {}
+    # no test pair is an adaptation pair (those are the other folder's): the honest table shows the same numbers
+    assert result.summary(honest=True) == result.summary() != {}
 
 
 def test_rewardbench_sections_weigh_subsets_by_count():
@@ -299,12 +301,7 @@ def test_cross_validated_l2_never_scores_below_the_fixed_one_on_its_own_folds():
         chosen, rejected, pairs = data.training()
         choice = choose_population_l2(chosen, rejected, pairs)
         fold = np.array([int(prompt_bucket(p.prompt, "population-l2-0") * 5) for p in pairs])
-
-        def held_out(l2: float) -> float:
-            return np.mean(np.concatenate([
-                (chosen[fold == k] - rejected[fold == k]) @ fit_population_head(
-                    chosen[fold != k], rejected[fold != k], l2=l2) > 0 for k in np.unique(fold)]))
-
+        held_out = functools.partial(_held_out_accuracy, chosen, rejected, fold)
         assert choice["fixed_l2"] == FIXED_L2 and choice["accuracy"][f"{choice['l2']:g}"] == max(
             choice["accuracy"].values())
         assert held_out(choice["l2"]) == pytest.approx(max(choice["accuracy"].values()))
@@ -317,6 +314,11 @@ def test_cross_validated_l2_never_scores_below_the_fixed_one_on_its_own_folds():
     with pytest.raises(ValueError, match="several prompts"):
         choose_population_l2(rng.randn(5, 3), rng.randn(5, 3), many[:1] * 5)
     assert choose_population_l2(rng.randn(70, 3) + 1, rng.randn(70, 3), many)["l2"] > 0
+
+
+def _held_out_accuracy(chosen, rejected, fold, l2: float) -> float:
+    return np.mean(np.concatenate([(chosen[fold == k] - rejected[fold == k]) @ fit_population_head(
+        chosen[fold != k], rejected[fold != k], l2=l2) > 0 for k in np.unique(fold)]))
 
 
 def _as_decomposition(components: np.ndarray, like: PreferenceDecomposition) -> PreferenceDecomposition:

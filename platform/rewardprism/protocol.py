@@ -110,6 +110,9 @@ def evaluate_adaptation(test: ScoredPairs, n: int, *, method: Method, prior: np.
                         **opts: Any) -> AdaptationResult:
     """Adapt one profile per (group, seed) from n pairs of `source` (default: `test` itself), score `test`.
 
+    From another `source` (another annotator's pairs) no test pair is an adaptation pair, so the honest accuracy
+    is the reference one.
+
     All seeds of a group adapt in one batched call. The result keeps the picks and the profiles.
     """
     same = source is None
@@ -122,7 +125,10 @@ def evaluate_adaptation(test: ScoredPairs, n: int, *, method: Method, prior: np.
     picks = sample_adaptation(source, n, seeds, test.group_names)
     profiles = {group: adapt_users(source.chosen[idx], source.rejected[idx], prior, method=method, **opts)[0]
                 for group, idx in picks.items()}
-    return score_profiles(test, picks, profiles, label or method, honest=same)
+    result = score_profiles(test, picks, profiles, label or method, honest=same)
+    if not same:  # the adaptation pairs are another folder's: no test pair was adapted on, both variants agree
+        result.honest_correct, result.honest_total = result.correct, result.total
+    return result
 
 
 def score_profiles(test: ScoredPairs, picks: dict[str, np.ndarray], profiles: dict[str, np.ndarray], label: str,
