@@ -268,6 +268,17 @@ def test_two_worker_zero2_run_survives_a_killed_worker(tmp_path, ray_cluster):
     assert list((config.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_cpu_worker_never_builds_deepspeeds_shared_memory_op(tmp_path, monkeypatch):
+    """On a cold torch extensions cache DeepSpeed's comm backend would compile its CPU all-reduce op (~100 CPU-s)
+    at every worker start; the worker marks it unavailable, so nothing is built or loaded."""
+    from deepspeed.comm.torch import build_shm_op
+    from rewardprism.train_worker import skip_cpu_inference_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    skip_cpu_inference_ops()
+    assert build_shm_op() is None and not any(tmp_path.iterdir())
+
+
 # The first three training losses of the seeded run below, computed once (2026-12, before the recipe moved to
 # rewardprism/recipes/): a refactor that keeps them keeps the data order, initialisation, sampling and optimizer.
 FIRST_LOSSES = [1.0635621547698975, 1.065051794052124, 1.0140821933746338]

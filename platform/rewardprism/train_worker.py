@@ -91,6 +91,18 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, cuda: bool) -> dict
     }
 
 
+def skip_cpu_inference_ops() -> None:
+    """DeepSpeed's comm backend builds its shared-memory all-reduce op on every CPU start (a C++ compile of about
+    100 CPU-s wherever the torch extensions cache is cold: a new machine, container or user). Only inference's
+    all-reduce uses it; training reduces through torch.distributed (gloo). Marked unavailable, it is never built."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
     def factor(step: int) -> float:
@@ -124,6 +136,8 @@ class TrainingWorker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         train, cuda = self.train_config, self.use_gpu
         torch.manual_seed(train.seed)  # same heads on every rank (DeepSpeed also broadcasts rank 0's)
+        if not cuda:
+            skip_cpu_inference_ops()
         backbone = load_backbone(self.model_config.backbone, device=ray.train.torch.get_device(),
                                  dtype=torch.bfloat16 if cuda else torch.float32,
                                  max_length=self.model_config.max_length)
