@@ -99,6 +99,7 @@ def test_overrides_set_typed_fields():
     ("data.test_fraction=1.5", "data.test_fraction: must be in (0, 1)"),
     ("model.objective_names=[a]", "model.objective_names: has 1 names for num_objectives=6"),
     ("ray.num_workers=true", "ray.num_workers: must be int"),
+    ("train.max_steps=0", "train.max_steps: must be a positive integer or null (all epochs)"),
 ])
 def test_config_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:
@@ -255,7 +256,8 @@ def test_two_worker_zero2_run_survives_a_killed_worker(tmp_path, ray_cluster):
     history = sorted((m["step"], m) for _, m in recipe.result.best_checkpoints)
     steps = [s for s, _ in history]
     assert steps[0] == 5 and steps[-1] == total and 10 in steps
-    assert history[-1][1]["eval_loss"] < history[0][1]["eval_loss"] - 0.02
+    evals = [m["eval_loss"] for _, m in history if "eval_loss" in m]  # the last step's: the driver's evaluation
+    assert evals[-1] < evals[0] - 0.02
     assert metrics["eval"]["accuracy"] > 0.7
     model = RewardModel.from_pretrained(config.export_dir)
     assert model.config == config.model
@@ -266,21 +268,39 @@ def test_two_worker_zero2_run_survives_a_killed_worker(tmp_path, ray_cluster):
     assert list((config.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_cpu_worker_never_builds_deepspeeds_shared_memory_op(tmp_path, monkeypatch):
+    """On a cold torch extensions cache DeepSpeed's comm backend would compile its CPU all-reduce op (~100 CPU-s)
+    at every worker start; the worker marks it unavailable, so nothing is built or loaded."""
+    from deepspeed.comm.torch import build_shm_op
+    from rewardprism.train_worker import skip_cpu_inference_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    skip_cpu_inference_ops()
+    assert build_shm_op() is None and not any(tmp_path.iterdir())
+
+
 # The first three training losses of the seeded run below, computed once (2026-12, before the recipe moved to
 # rewardprism/recipes/): a refactor that keeps them keeps the data order, initialisation, sampling and optimizer.
 FIRST_LOSSES = [1.0635621547698975, 1.065051794052124, 1.0140821933746338]
 
 
-def test_a_seeded_tiny_run_repeats_its_first_losses(tmp_path, ray_cluster):
-    """One worker (Ray Data's order is then fixed), a step per report: the mean training loss of steps 1-3."""
-    config = tiny([f"ray.storage_path={tmp_path}", "ray.num_workers=1", "train.epochs=1",
+def test_a_seeded_tiny_run_repeats_its_first_losses_stops_at_max_steps_and_evaluates_once(tmp_path, ray_cluster):
+    """One worker (Ray Data's order is then fixed), a step per report: the mean training loss of steps 1-3.
+    `train.max_steps=3` ends the run (and its schedule) after 3 of the 2 epochs' 6 steps; the held-out split is
+    evaluated once, by `save_checkpoint` on the driver, not also in the worker's last report."""
+    config = tiny([f"ray.storage_path={tmp_path}", "ray.num_workers=1", "train.epochs=2", "train.max_steps=3",
                                 "data.synthetic_per_user=10", "train.log_every=1", "train.checkpoint_every=1",
                                 "train.eval_every=100", "ray.keep_checkpoints=10", "train.personalize=false"])
     recipe = VrmRecipe(config)
     recipe.setup()
+    assert (recipe.steps_per_epoch, recipe.total_steps) == (3, 3)
     recipe.train()
-    losses = [m["train_loss"] for _, m in sorted(recipe.result.best_checkpoints, key=lambda c: c[1]["step"])]
-    assert losses == pytest.approx(FIRST_LOSSES, rel=1e-4)
+    reports = [m for _, m in sorted(recipe.result.best_checkpoints, key=lambda c: c[1]["step"])]
+    assert [m["step"] for m in reports] == [1, 2, 3]
+    assert [m["train_loss"] for m in reports] == pytest.approx(FIRST_LOSSES, rel=1e-4)
+    assert not any("eval_accuracy" in m for m in reports)  # the worker never evaluated
+    metrics = recipe.save_checkpoint()
+    assert metrics["eval"]["eval_pairs"] == len(recipe.data.eval) and 0 <= metrics["eval"]["accuracy"] <= 1
 
 
 def test_relative_outputs_are_refused_inside_a_ray_job_working_dir(tmp_path):

@@ -28,7 +28,7 @@ from report import finish
 from rewardprism.cli_common import fail, overrides
 from rewardprism.config import ConfigError, from_dict, load_config, set_field
 from rewardprism.data import DataError
-from rewardprism.recipes.vrm import VrmConfig, VrmRecipe, exported_model, steps_per_epoch
+from rewardprism.recipes.vrm import VrmConfig, VrmRecipe, exported_model, total_steps
 from rewardprism.train_data import prepare_data
 from sweeps import (
     BEST_DIR,
@@ -192,7 +192,7 @@ def run_trial(params: dict[str, Any], recipe: dict[str, Any], train_storage: str
     name = f"train-{ray.tune.get_context().get_trial_id()}"  # stable across restores: the run resumes
     config = trial_recipe(recipe, {**params, "ray.name": name, "ray.storage_path": train_storage,
                                    "ray.resume": True})
-    trial = VrmRecipe(config, callbacks=[TuneReportCallback()])
+    trial = VrmRecipe(config, callbacks=[TuneReportCallback()], evaluate_in_worker=True)
     trial.setup()
     trial.train()
 
@@ -255,7 +255,7 @@ def main(
         recipe = absolute_paths(base.to_dict())
         check_values(recipe, sweep.space, points)
         data = prepare_data(base.data, base.model)  # the data is checked here, before any cluster starts
-        max_t = steps_per_epoch(base, len(data.train)) * base.train.epochs
+        max_t = total_steps(base, len(data.train))
         connect_ray()
         # A trial: its driver (Tune's default 1 CPU; it prepares the data) and its Train workers. The Train
         # controller takes no resources.

@@ -32,6 +32,7 @@ StepHook = Callable[[int, int, "int | None"], None]  # (step, rank, step resumed
 @dataclass
 class TrainConfig:
     epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule ends there too); None: epochs
     batch_pairs: int = 8  # pairs per worker per micro-batch (2× texts in the forward pass)
     grad_accum: int = 1
     lr: float = 2e-5  # backbone
@@ -51,6 +52,8 @@ class TrainConfig:
         for name in ("epochs", "batch_pairs", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be a positive integer, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("max_steps", f"must be a positive integer or null (all epochs), got {self.max_steps}")
         for name in ("lr", "head_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
@@ -88,6 +91,18 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, cuda: bool) -> dict
     }
 
 
+def skip_cpu_inference_ops() -> None:
+    """DeepSpeed's comm backend builds its shared-memory all-reduce op on every CPU start (a C++ compile of about
+    100 CPU-s wherever the torch extensions cache is cold: a new machine, container or user). Only inference's
+    all-reduce uses it; training reduces through torch.distributed (gloo). Marked unavailable, it is never built."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
     def factor(step: int) -> float:
@@ -107,10 +122,10 @@ class TrainingWorker:
     """
 
     def __init__(self, *, model: RewardModelConfig, train: TrainConfig, use_gpu: bool, steps_per_epoch: int,
-                 tensorboard_dir: str, on_step: StepHook | None = None):
+                 total_steps: int, tensorboard_dir: str, final_eval: bool, on_step: StepHook | None = None):
         self.model_config, self.train_config, self.use_gpu = model, train, use_gpu
-        self.steps_per_epoch, self.tensorboard_dir, self.on_step = steps_per_epoch, tensorboard_dir, on_step
-        self.total_steps = steps_per_epoch * train.epochs
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.tensorboard_dir, self.final_eval, self.on_step = tensorboard_dir, final_eval, on_step
 
     def setup(self) -> None:
         import deepspeed
@@ -121,6 +136,8 @@ class TrainingWorker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         train, cuda = self.train_config, self.use_gpu
         torch.manual_seed(train.seed)  # same heads on every rank (DeepSpeed also broadcasts rank 0's)
+        if not cuda:
+            skip_cpu_inference_ops()
         backbone = load_backbone(self.model_config.backbone, device=ray.train.torch.get_device(),
                                  dtype=torch.bfloat16 if cuda else torch.float32,
                                  max_length=self.model_config.max_length)
@@ -174,7 +191,7 @@ class TrainingWorker:
                 if self.on_step is not None:
                     self.on_step(self.step, self.rank, self.resumed_from)
                 if self.step == self.total_steps:
-                    continue  # `finish` logs, evaluates and exports the last step
+                    break  # `finish` logs, evaluates and exports the last step
                 if self.step % cfg.log_every and self.step % cfg.eval_every and self.step % cfg.checkpoint_every:
                     continue
                 metrics = {**self.train_metrics(epoch), **(self.evaluate() if self.step % cfg.eval_every == 0
@@ -233,8 +250,10 @@ class TrainingWorker:
         return totals[:k] / totals[k]
 
     def finish(self) -> None:
-        """The final checkpoint, with the exported model (rank 0) next to the DeepSpeed state."""
-        metrics = {**self.train_metrics(self.train_config.epochs - 1), **self.evaluate()}
+        """The final checkpoint, with the exported model (rank 0) next to the DeepSpeed state. The held-out split
+        is evaluated here only when the driver will not evaluate the export (`final_eval`: a Tune trial)."""
+        epoch = max(self.step - 1, 0) // self.steps_per_epoch
+        metrics = {**self.train_metrics(epoch), **(self.evaluate() if self.final_eval else {})}
         self.write_tensorboard(metrics)
         model = self.engine.module
         if model.is_vrm:

@@ -99,6 +99,12 @@ def steps_per_epoch(config: VrmConfig, n_train: int) -> int:
     return steps
 
 
+def total_steps(config: VrmConfig, n_train: int) -> int:
+    """Optimizer steps of the whole run: all epochs, or `train.max_steps` when that comes first."""
+    steps = steps_per_epoch(config, n_train) * config.train.epochs
+    return min(steps, config.train.max_steps or steps)
+
+
 @contextlib.contextmanager
 def replacing(folder: Path) -> Iterator[Path]:
     """A staging path next to `folder` that replaces it once the block succeeds; on failure `folder` stays as
@@ -129,18 +135,22 @@ def exported_model(checkpoint: Any, out: Path) -> Iterator[tuple[RewardModel, Pa
 class VrmRecipe:
     """setup → train → save_checkpoint → cleanup (see the module's docstring)."""
 
-    def __init__(self, config: VrmConfig, *, on_step: StepHook | None = None, callbacks: Sequence[Any] = ()):
+    def __init__(self, config: VrmConfig, *, on_step: StepHook | None = None, callbacks: Sequence[Any] = (),
+                 evaluate_in_worker: bool = False):
+        """`evaluate_in_worker`: the workers' last report carries the held-out evaluation, for a caller that never
+        calls `save_checkpoint` (a Tune trial schedules on it); otherwise `save_checkpoint` evaluates, once."""
         self.config, self.on_step, self.callbacks = config, on_step, list(callbacks)
-        self.started_ray = False
+        self.evaluate_in_worker, self.started_ray = evaluate_in_worker, False
 
     def setup(self) -> None:
         start = time.perf_counter()
         self.config.check_run_dir()
         self.data = prepare_data(self.config.data, self.config.model)
         self.steps_per_epoch = steps_per_epoch(self.config, len(self.data.train))
-        log.info("data: %d training and %d held-out pairs, supervision %s, %d steps per epoch (%.0f s)",
+        self.total_steps = total_steps(self.config, len(self.data.train))
+        log.info("data: %d training and %d held-out pairs, supervision %s, %d steps per epoch, %d in all (%.0f s)",
                  len(self.data.train), len(self.data.eval), self.config.data.supervision, self.steps_per_epoch,
-                 time.perf_counter() - start)
+                 self.total_steps, time.perf_counter() - start)
 
     def train(self) -> None:
         import ray
@@ -154,7 +164,8 @@ class VrmRecipe:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"model": cfg.model, "train": cfg.train, "use_gpu": cfg.ray.use_gpu,
-                               "steps_per_epoch": self.steps_per_epoch,
+                               "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                               "final_eval": self.evaluate_in_worker,
                                "tensorboard_dir": str(cfg.run_dir / "tensorboard"), "on_step": self.on_step},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
