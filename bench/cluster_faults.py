@@ -165,9 +165,74 @@ def train(out: Path, *, fault: bool, epochs: int, per_user: int, checkpoint_ever
     }
 
 
+# ----------------------------------------------------------------------------------------------- embedding
+
+def embed(out: Path, *, fault: bool, per_user: int, shard_size: int, shards_per_actor: int, fault_after: int,
+          replace_after_s: float) -> dict[str, Any]:
+    """`embed_pairs_ray` with one actor on each worker node (tiny-bert). With `fault`: once `fault_after` shards
+    are written, one worker node is removed (a replacement is added `replace_after_s` later; never if < 0).
+    The folder is then compared with a local, fault-free `embed_pairs` run of the same pairs."""
+    import numpy as np
+    from rewardprism.backbone import load_backbone
+    from rewardprism.embed import EmbeddingSet, embed_pairs
+    from rewardprism.embed_ray import embed_pairs_ray
+    from rewardprism.features import FeatureSpec
+    from rewardprism.synthetic import SyntheticGenerator
+
+    pairs = SyntheticGenerator(1).dataset(per_user)
+    tiny = load_backbone("tiny-bert", device="cpu", max_length=64)
+    folder, index = out / "ray", out / "ray" / "index.json"
+    cluster = TestCluster()
+    start = time.time()
+    try:
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                embed_pairs_ray(pairs, FeatureSpec.of(tiny), folder, dim=tiny.dim, num_actors=2,
+                                shard_size=shard_size, shards_per_actor=shards_per_actor,
+                                actor_resources={WORKER: 1}, progress=False)
+            except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        fault_at = replaced_at = None
+        if fault:
+            def written() -> int:
+                return len(json.loads(index.read_text())["shards"]) if index.exists() else 0
+
+            wait_for(lambda: written() >= fault_after, f"{fault_after} shards written", every=0.05)
+            written_at_fault = written()
+            fault_at = cluster.remove(cluster.nodes[0].node_id)
+            if replace_after_s >= 0:
+                time.sleep(replace_after_s)
+                cluster.add()
+                replaced_at = time.time()
+        thread.join()
+        if errors:
+            raise errors[0]
+        done = time.time()
+    finally:
+        cluster.close()
+    embed_pairs(pairs, tiny, out / "local", shard_size=shard_size, progress=False)
+    got, want = EmbeddingSet(folder), EmbeddingSet(out / "local")
+    same = all(np.allclose(c1, c2, atol=1e-5) and np.allclose(r1, r2, atol=1e-5)
+               for (c1, r1), (c2, r2) in zip(got.shards(), want.shards(), strict=True))
+    texts = [json.dumps(p.to_row(), sort_keys=True) for p in got.pairs()]
+    return {
+        "fault": fault, "pairs": len(pairs), "pairs_in_output": len(texts), "distinct_pairs": len(set(texts)),
+        "pairs_equal_input": got.pairs() == pairs, "index_equal_local": got.index == want.index,
+        "shards": len(got.index["shards"]), "shard_files": len(list(folder.glob("shard-*"))),
+        "shards_equal_local": same, "written_at_fault": written_at_fault if fault else None,
+        "replaced_after_s": round(replaced_at - fault_at, 1) if replaced_at else None,
+        "after_fault_s": round(done - fault_at, 1) if fault else None, "wall_s": round(done - start, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenario", choices=["train"])
+    parser.add_argument("scenario", choices=["train", "embed"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-fault", dest="fault", action="store_false")
     parser.add_argument("--epochs", type=int, default=2)
@@ -175,11 +240,19 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=4)
     parser.add_argument("--hold-step", type=int, default=6)
     parser.add_argument("--zero-stage", type=int, default=2)
-    parser.add_argument("--replace-after-s", type=float, default=0.0)
+    parser.add_argument("--replace-after-s", type=float, default=0.0, help="< 0: no replacement node")
+    parser.add_argument("--shard-size", type=int, default=8, help="embed")
+    parser.add_argument("--shards-per-actor", type=int, default=4, help="embed")
+    parser.add_argument("--fault-after", type=int, default=3, help="embed: shards written before the fault")
     args = parser.parse_args()
-    result = train(args.out, fault=args.fault, epochs=args.epochs, per_user=args.per_user,
-                   checkpoint_every=args.checkpoint_every, hold_step=args.hold_step,
-                   zero_stage=args.zero_stage, replace_after_s=args.replace_after_s)
+    if args.scenario == "train":
+        result = train(args.out, fault=args.fault, epochs=args.epochs, per_user=args.per_user,
+                       checkpoint_every=args.checkpoint_every, hold_step=args.hold_step,
+                       zero_stage=args.zero_stage, replace_after_s=args.replace_after_s)
+    else:
+        result = embed(args.out, fault=args.fault, per_user=args.per_user, shard_size=args.shard_size,
+                       shards_per_actor=args.shards_per_actor, fault_after=args.fault_after,
+                       replace_after_s=args.replace_after_s)
     print(json.dumps(result))
 
 

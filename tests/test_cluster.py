@@ -48,3 +48,15 @@ def test_training_resumes_from_its_checkpoint_when_a_node_goes_away(tmp_path):
     assert result["checkpoint_steps"][0] == 2 and 4 in result["checkpoint_steps"]  # 4: after the resume
     assert result["optimizer_partitions"] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
     assert result["accuracy"] > 0.5
+
+
+def test_embedding_finishes_on_the_remaining_node_with_every_pair_once(tmp_path):
+    """embed_pairs_ray, one actor on each worker node, 100 pairs in shards of 8 (windows of 8 shards). A worker
+    node is removed once 3 shards are written (the rest of the window in flight) and none replaces it: the run
+    finishes on the other node; every pair is in the folder once, in order, and every shard equals a
+    fault-free local run's."""
+    result = scenario("embed", tmp_path, "--per-user", "25", "--fault-after", "3", "--replace-after-s", "-1")
+    assert 3 <= result["written_at_fault"] < 8  # the fault came inside the first window
+    assert result["pairs_in_output"] == result["distinct_pairs"] == result["pairs"] == 100
+    assert result["pairs_equal_input"] and result["index_equal_local"] and result["shards_equal_local"]
+    assert result["shards"] == result["shard_files"] == 13
