@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "platform"), str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a busy 2-core machine starts raylets slowly
 
@@ -50,13 +50,16 @@ class TestCluster:
         else:
             address_file.write_text(before)
         self.worker_cpus = worker_cpus
+        self.added: list = []  # every worker node ever added, in order
         self.nodes = [self.add() for _ in range(workers)]
         ray.init(address=self.cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
     def add(self):
-        return self.cluster.add_node(num_cpus=self.worker_cpus, resources={WORKER: 1},
+        node = self.cluster.add_node(num_cpus=self.worker_cpus, resources={WORKER: 1},
                                      object_store_memory=150 * 1024 ** 2)
+        self.added.append(node)
+        return node
 
     def remove(self, node_id: str) -> float:
         """Kill the node `node_id` outright (no graceful shutdown); returns when it went."""
@@ -230,9 +233,101 @@ def embed(out: Path, *, fault: bool, per_user: int, shard_size: int, shards_per_
     }
 
 
+# ----------------------------------------------------------------------------------------------- serving
+
+def replicas_by_node(cluster: TestCluster) -> dict[str, list[str]]:
+    """Deployment → the worker nodes (by place: "w0", "w1", ... in the order they were added) of its live
+    replicas; "head" if one is there."""
+    places = {n.node_id: f"w{i}" for i, n in enumerate(cluster.added)}
+    found: dict[str, list[str]] = {}
+    for actor in ray._private.state.actors().values():
+        name = actor["ActorClassName"]
+        if name.startswith("ServeReplica:") and actor["State"] == "ALIVE":
+            node = actor["Address"]["NodeID"]
+            found.setdefault(name.rpartition(":")[2], []).append(places.get(node, "head"))
+    return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str, Any]:
+    """config.yaml's app (tiny backbone, a Postgres cluster of its own on `pg_port`), 2 Ingress and 2
+    Embedder replicas, at most one of each per worker node; `clients` closed-loop clients each score, then
+    send one feedback pair. Phases of `phase_s`: healthy; a worker node removed; a node added back. Measured:
+    failed calls and their window after the fault, when the last one failed, whether replicas move to the
+    new node, and every feedback answered 2xx found in the database."""
+    from bench_faults import Load, free_port, prepare, stored_pairs
+    from ray import serve as ray_serve
+
+    from serve_apps import local
+
+    class TimedLoad(Load):
+        """Load, with the time of every failed call."""
+
+        failures: list[float] = []
+
+        def count(self, what: str) -> None:
+            super().count(what)
+            if what in ("score failed", "feedback 503", "feedback other"):
+                with self.lock:
+                    self.failures.append(time.monotonic())
+
+    cluster = None
+    with local.postgres_cluster("rpcluster", pg_port) as database:
+        try:
+            url = database.url
+            key = prepare(url, out / "heads")
+            cluster = TestCluster()
+            port = free_port()
+            env = {"DATABASE_URL": url, "RP_DB_TIMEOUT_S": "1", "RP_DB_CALL_TIMEOUT_S": "2", "RP_HEAD_SET_POLL_S": "1"}
+            app = local.app_config("cluster", "/", env, replicas=2)
+            for deployment in app["deployments"]:
+                deployment["ray_actor_options"]["resources"] = {WORKER: 0.1}
+                deployment["max_replicas_per_node"] = 1
+            local.run_config(port, app, proxy_location="HeadOnly")
+            placed = replicas_by_node(cluster)
+            load = TimedLoad(f"http://127.0.0.1:{port}", key, clients)
+            for thread in load.threads:
+                thread.start()
+            time.sleep(phase_s)
+            fault_at = load.enter("node removed")
+            cluster.remove(cluster.nodes[0].node_id)
+            time.sleep(phase_s)
+            after_fault = replicas_by_node(cluster)
+            status_after_fault = ray_serve.status().applications["cluster"].status.value
+            added_at = load.enter("node added")
+            cluster.add()
+            try:
+                rebalanced = wait_for(lambda: all(len(set(v)) == 2 for v in replicas_by_node(cluster).values()),
+                                      "replicas on both worker nodes", timeout=max(phase_s, 60), every=0.5)
+                rebalance_s = round(time.monotonic() - added_at, 1) if rebalanced else None
+            except TimeoutError:
+                rebalance_s = None
+            time.sleep(max(0.0, phase_s - (time.monotonic() - added_at)))
+            load.stop.set()
+            for thread in load.threads:
+                thread.join(60)
+            after_add = replicas_by_node(cluster)
+            status_after_add = ray_serve.status().applications["cluster"].status.value
+            stored = stored_pairs(url)
+        finally:
+            if cluster is not None:
+                cluster.close()
+    failures = [t for t in load.failures if t >= fault_at]
+    return {
+        "clients": clients, "phase_s": phase_s, "placed": placed, "after_fault": after_fault,
+        "status_after_fault": status_after_fault, "after_add": after_add,
+        "status_after_add": status_after_add, "rebalance_s": rebalance_s,
+        "counts": {phase: dict(c) for phase, c in load.counts.items()},
+        "failed_after_fault": len(failures),
+        "failure_window_s": [round(failures[0] - fault_at, 1), round(failures[-1] - fault_at, 1)] if failures else [],
+        "failed_before_fault": len([t for t in load.failures if t < fault_at]),
+        "acknowledged": len(load.acknowledged), "lost": len(load.acknowledged - stored),
+        "stored_after_error": len(load.refused & stored), "refused": len(load.refused),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenario", choices=["train", "embed"])
+    parser.add_argument("scenario", choices=["train", "embed", "serve"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-fault", dest="fault", action="store_false")
     parser.add_argument("--epochs", type=int, default=2)
@@ -244,11 +339,16 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=8, help="embed")
     parser.add_argument("--shards-per-actor", type=int, default=4, help="embed")
     parser.add_argument("--fault-after", type=int, default=3, help="embed: shards written before the fault")
+    parser.add_argument("--clients", type=int, default=4, help="serve")
+    parser.add_argument("--phase-s", type=float, default=20.0, help="serve")
+    parser.add_argument("--pg-port", type=int, default=5518, help="serve: its own Postgres cluster's port")
     args = parser.parse_args()
     if args.scenario == "train":
         result = train(args.out, fault=args.fault, epochs=args.epochs, per_user=args.per_user,
                        checkpoint_every=args.checkpoint_every, hold_step=args.hold_step,
                        zero_stage=args.zero_stage, replace_after_s=args.replace_after_s)
+    elif args.scenario == "serve":
+        result = serve(args.out, clients=args.clients, phase_s=args.phase_s, pg_port=args.pg_port)
     else:
         result = embed(args.out, fault=args.fault, per_user=args.per_user, shard_size=args.shard_size,
                        shards_per_actor=args.shards_per_actor, fault_after=args.fault_after,
