@@ -325,9 +325,73 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
     }
 
 
+# ----------------------------------------------------------------------------------------------- tuning
+
+def tune(out: Path, *, fault: bool, epochs: int, per_user: int, replace_after_s: float) -> dict[str, Any]:
+    """tune/sweep_vrm.py, as its own driver process joining this cluster: two configurations, each a Train run
+    of one worker pinned to a worker node (so one trial on each). With `fault`: once both runs have a
+    checkpoint, a worker node is removed (a replacement added `replace_after_s` later; never if < 0). The
+    trial there resumes its Train run from its checkpoint (FailureConfig of Train, then of Tune)."""
+    import subprocess
+
+    import yaml
+    from rewardprism.config import load_config
+    from rewardprism.recipes.vrm import VrmConfig, steps_per_epoch
+    from rewardprism.train_data import prepare_data
+
+    recipe = ROOT / "configs" / "vrm_tiny.yaml"
+    overrides = [f"data.synthetic_per_user={per_user}", f"train.epochs={epochs}", "ray.num_workers=1",
+                 "train.log_every=5", "train.eval_every=5", "train.checkpoint_every=5",
+                 f"ray.worker_resources={{{WORKER}: 1}}"]
+    config = load_config(VrmConfig, recipe, overrides)
+    max_t = epochs * steps_per_epoch(config, len(prepare_data(config.data, config.model).train))
+    sweep = {"recipe": str(recipe), "overrides": overrides,
+             "samples": 2, "seeds": 1, "space": {"model.lam": {"loguniform": [0.1, 1.0]}},
+             "asha": {"grace_period": max_t, "reduction_factor": 2},  # no early stopping: every trial runs out
+             "run": {"name": "cluster-sweep", "storage_path": str(out / "tune"), "max_concurrent_trials": 2}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    experiment = out / "tune" / "cluster-sweep"
+    cluster = TestCluster()
+    start = time.time()
+    fault_at = replaced_at = None
+    try:
+        env = {**os.environ, "RAY_ADDRESS": cluster.cluster.address}
+        with open(out / "sweep.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, str(ROOT / "tune" / "sweep_vrm.py"), "--config",
+                                     str(out / "sweep.yaml")], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            if fault:
+                wait_for(lambda: proc.poll() is not None or len(list(
+                    experiment.glob("train/*/checkpoint_manager_snapshot.json"))) >= 2,
+                    "a checkpoint of both trials' Train runs", every=0.05)
+                if proc.poll() is not None:
+                    raise RuntimeError(f"sweep_vrm.py exited early: {(out / 'sweep.log').read_text()[-3000:]}")
+                fault_at = cluster.remove(cluster.nodes[0].node_id)
+                if replace_after_s >= 0:
+                    time.sleep(replace_after_s)
+                    cluster.add()
+                    replaced_at = time.time()
+            code = proc.wait(timeout=900)
+        done = time.time()
+    finally:
+        cluster.close()
+    if code != 0:
+        raise RuntimeError(f"sweep_vrm.py exited {code}: {(out / 'sweep.log').read_text()[-3000:]}")
+    rows = json.loads((experiment / "results.json").read_text())
+    return {
+        "fault": fault, "exit_code": code, "trials": len(rows), "max_t": max_t,
+        "distinct_configs": len({r["config/model.lam"] for r in rows}),
+        "final_steps": sorted(r["step"] for r in rows), "start_steps": sorted(r["start_step"] for r in rows),
+        "errors": json.loads((experiment / "sweep.json").read_text()).get("errors", {}),
+        "replaced_after_s": round(replaced_at - fault_at, 1) if replaced_at else None,
+        "after_fault_s": round(done - fault_at, 1) if fault else None, "wall_s": round(done - start, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenario", choices=["train", "embed", "serve"])
+    parser.add_argument("scenario", choices=["train", "embed", "serve", "tune"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-fault", dest="fault", action="store_false")
     parser.add_argument("--epochs", type=int, default=2)
@@ -347,6 +411,9 @@ def main() -> None:
         result = train(args.out, fault=args.fault, epochs=args.epochs, per_user=args.per_user,
                        checkpoint_every=args.checkpoint_every, hold_step=args.hold_step,
                        zero_stage=args.zero_stage, replace_after_s=args.replace_after_s)
+    elif args.scenario == "tune":
+        result = tune(args.out, fault=args.fault, epochs=args.epochs, per_user=args.per_user,
+                      replace_after_s=args.replace_after_s)
     elif args.scenario == "serve":
         result = serve(args.out, clients=args.clients, phase_s=args.phase_s, pg_port=args.pg_port)
     else:
