@@ -250,10 +250,10 @@ def replicas_by_node(cluster: TestCluster) -> dict[str, list[str]]:
 
 def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str, Any]:
     """config.yaml's app (tiny backbone, a Postgres cluster of its own on `pg_port`), 2 Ingress and 2
-    Embedder replicas, at most one of each per worker node; `clients` closed-loop clients each score, then
-    send one feedback pair. Phases of `phase_s`: healthy; a worker node removed; a node added back. Measured:
-    failed calls and their window after the fault, when the last one failed, whether replicas move to the
-    new node, and every feedback answered 2xx found in the database."""
+    Embedder replicas on the worker nodes (Serve spreads them: one of each per node); `clients` closed-loop
+    clients each score, then send one feedback pair. Phases of `phase_s`: healthy; a worker node removed; a
+    node added back. Measured: failed calls and their window after the fault, when the app is healthy again,
+    whether replicas move to the new node, and every feedback answered 2xx found in the database."""
     from bench_faults import Load, free_port, prepare, stored_pairs
     from ray import serve as ray_serve
 
@@ -281,7 +281,6 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
             app = local.app_config("cluster", "/", env, replicas=2)
             for deployment in app["deployments"]:
                 deployment["ray_actor_options"]["resources"] = {WORKER: 0.1}
-                deployment["max_replicas_per_node"] = 1
             local.run_config(port, app, proxy_location="HeadOnly")
             placed = replicas_by_node(cluster)
             load = TimedLoad(f"http://127.0.0.1:{port}", key, clients)
@@ -290,7 +289,14 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
             time.sleep(phase_s)
             fault_at = load.enter("node removed")
             cluster.remove(cluster.nodes[0].node_id)
-            time.sleep(phase_s)
+            try:  # healthy again: two live replicas of each deployment, and the app RUNNING
+                wait_for(lambda: all(len(v) == 2 for v in replicas_by_node(cluster).values())
+                         and ray_serve.status().applications["cluster"].status.value == "RUNNING",
+                         "the app healthy again", timeout=phase_s * 3, every=0.5)
+                healthy_s = round(time.monotonic() - fault_at, 1)
+            except TimeoutError:
+                healthy_s = None
+            time.sleep(max(0.0, phase_s - (time.monotonic() - fault_at)))
             after_fault = replicas_by_node(cluster)
             status_after_fault = ray_serve.status().applications["cluster"].status.value
             added_at = load.enter("node added")
@@ -314,7 +320,7 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
     failures = [t for t in load.failures if t >= fault_at]
     return {
         "clients": clients, "phase_s": phase_s, "placed": placed, "after_fault": after_fault,
-        "status_after_fault": status_after_fault, "after_add": after_add,
+        "status_after_fault": status_after_fault, "healthy_s": healthy_s, "after_add": after_add,
         "status_after_add": status_after_add, "rebalance_s": rebalance_s,
         "counts": {phase: dict(c) for phase, c in load.counts.items()},
         "failed_after_fault": len(failures),
