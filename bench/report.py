@@ -19,12 +19,13 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}"
 
 
-def write_section(name: str, command: str, body: str) -> None:
-    """Replace (or append) the section `name` with `body`, stamped with the date, machine and command."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+def write_section(name: str, command: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the section `name` of `path` with `body`, stamped with the date, machine and
+    command (a table the docs show too goes into them the same way)."""
+    text = path.read_text() if path.exists() else HEADER
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"<!-- bench:{name} -->\n## {name}\n\n`{command}` — {stamp}, {machine()}\n\n{body.strip()}\n"
                f"<!-- /bench:{name} -->")
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    BENCHMARKS.write_text(text)
+    path.write_text(text)

@@ -40,14 +40,16 @@ def app_config(name: str, route_prefix: str, env: dict[str, str], *, replicas: i
     return app
 
 
-def run_config(port: int, *apps: dict, timeout_s: float = 300) -> None:
+def run_config(port: int, *apps: dict, timeout_s: float = 300, proxy_location: str = "EveryNode") -> None:
     """Deploy exactly these applications (others are removed), serving HTTP on 127.0.0.1:`port`; wait until
-    they run. Needs `ray.init()` first (or starts a local cluster)."""
+    they run. Needs `ray.init()` first (or starts a local cluster). Several nodes on one machine cannot all
+    bind `port`: a cluster of them serves with `proxy_location="HeadOnly"`."""
     from ray import serve
     from ray.serve.scripts import cli
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": list(apps)}, f)
+        yaml.safe_dump({"proxy_location": proxy_location, "http_options": {"host": "127.0.0.1", "port": port},
+                        "applications": list(apps)}, f)
     try:
         cli.main(args=["run", f.name, "--non-blocking"], prog_name="serve", standalone_mode=False)
     finally:

@@ -371,6 +371,19 @@ def test_serve_replicas_fit_the_scorer_cluster(rendered):
         )
 
 
+def test_the_ingress_replicas_start_on_as_many_worker_pods(rendered):
+    """Serve spreads a deployment's replicas over nodes (its default SPREAD strategy): with as many worker Pods
+    as Ingress replicas from the start, each Ingress has a node of its own, and losing one node leaves another
+    Ingress serving (bench/bench_cluster.py measures it)."""
+    config = yaml.safe_load(render_serve_config.SERVE_CONFIG.read_text())
+    deployments = {d["name"]: d for app in config["applications"] for d in app.get("deployments") or []}
+    ingresses = _replicas(deployments["Ingress"])[0]
+    assert ingresses >= 2
+    for env, path in PLATFORM.items():
+        groups = one(rendered[path], "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        assert sum(g["minReplicas"] for g in groups) >= ingresses, env
+
+
 # ----------------------------------------------------------------------------------------------- training
 def entrypoint(job: dict[str, Any]) -> tuple[Path, Path, list[tuple[str, str]]]:
     """(script, config, [(flag, value), ...]) of a RayJob's `python SCRIPT --config CONFIG [--flag VALUE ...]`."""

@@ -44,12 +44,14 @@ def _objects(arrays: list[np.ndarray]) -> np.ndarray:
 def embed_pairs_ray(pairs: Iterable[PreferencePair], features: FeatureSpec, out_dir: str | Path, *, dim: int,
                     num_actors: int = 2, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                     shard_size: int = 1024, token_budget: int | None = None, max_batch: int = 64,
-                    dataset: str = "", shards_per_actor: int = 4, progress: bool = True) -> EmbedReport:
+                    dataset: str = "", shards_per_actor: int = 4, actor_resources: dict[str, float] | None = None,
+                    progress: bool = True) -> EmbedReport:
     """Embed on the current Ray cluster (`ray.init()` first, or it starts a local one) the features `features`
     describes (`dim` of them per text, as `FeatureSpec.of` a backbone loaded on the driver tells).
 
     A window of `num_actors × shards_per_actor` shards is one Ray Data run (each actor loads the backbone once
     per window): larger windows load less often, smaller ones hold fewer pairs in the driver.
+    `actor_resources` (custom resources each actor also needs) pins the actors to the nodes that have them.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -66,7 +68,7 @@ def embed_pairs_ray(pairs: Iterable[PreferencePair], features: FeatureSpec, out_
                                      override_num_blocks=len(window))
             out = ds.map_batches(
                 ShardEmbedder, batch_size=1, compute=ActorPoolStrategy(size=min(num_actors, len(window))),
-                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, resources=actor_resources,
                 fn_constructor_kwargs=dict(features=features, token_budget=token_budget, max_batch=max_batch,
                                            device="cuda" if gpus_per_actor else None),
             )

@@ -39,6 +39,9 @@ class ClusterConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # custom resources each worker also needs, e.g. {trainer: 1} on nodes started with --resources='{"trainer": 1}':
+    # pins the workers to those nodes (one per node when each node has 1)
+    worker_resources: dict[str, float] = field(default_factory=dict)
     max_failures: int = 1  # worker failures to recover from (from the latest checkpoint)
     resume: bool = False  # continue the run <storage_path>/<name> from its latest checkpoint
     keep_checkpoints: int = 2
@@ -49,6 +52,10 @@ class ClusterConfig:
         for name in ("num_workers", "cpus_per_worker", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be a positive integer, got {getattr(self, name)}")
+        for key, amount in self.worker_resources.items():
+            if key in ("CPU", "GPU") or not amount > 0:
+                raise ConfigError(f"worker_resources.{key}", "must be a custom resource (CPU and GPU come from "
+                                  f"cpus_per_worker and use_gpu) with an amount > 0, got {amount}")
         if self.max_failures < -1:
             raise ConfigError("max_failures", "must be >= 0, or -1 to retry forever")
         if not self.name or "/" in self.name:
@@ -168,7 +175,8 @@ class VrmRecipe:
                                "final_eval": self.evaluate_in_worker,
                                "tensorboard_dir": str(cfg.run_dir / "tensorboard"), "on_step": self.on_step},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
+                                                               **cfg.ray.worker_resources}),
             torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
             datasets={"train": ray_dataset(self.data.train, self.data.train_targets),
                       "eval": ray_dataset(self.data.eval, self.data.eval_targets)},
