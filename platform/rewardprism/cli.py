@@ -36,8 +36,8 @@ def embed(
     dataset: str = typer.Option("synthetic", help="'synthetic', a json/jsonl(.gz)/parquet file or folder, "
                                                   "or a Hugging Face dataset name"),
     out: Path = typer.Option(..., help="output folder (resumable: reruns skip finished shards)"),
-    backbone: str = typer.Option("minilm", help="minilm, smollm2, tiny-bert, tiny-llama, a folder, a .gguf "
-                                                "file or a hub name"),
+    backbone: str = typer.Option("minilm", envvar="RP_EMBED_BACKBONE",
+                                 help="minilm, smollm2, tiny-bert, tiny-llama, a folder, a .gguf file or a hub name"),
     split: str = typer.Option("train", help="split, for hub datasets"),
     fmt: str = typer.Option("auto", "--format", help="auto, canonical, trl, hh-rlhf, alpaca-eval"),
     group: str | None = typer.Option(None, help="group for pairs that carry none"),
@@ -51,7 +51,8 @@ def embed(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     ray: bool = typer.Option(False, "--ray", help="run on the Ray cluster (Ray Data, an actor pool)"),
     num_actors: int = typer.Option(2, min=1, help="actors, with --ray"),
-    synthetic_per_user: int = typer.Option(500, min=1, help="pairs per simulated user, for 'synthetic'"),
+    synthetic_per_user: int = typer.Option(500, min=1, envvar="RP_SYNTHETIC_PER_USER",
+                                           help="pairs per simulated user (4 users), for 'synthetic'"),
     seed: int = typer.Option(0, help="seed of the synthetic generator"),
 ) -> None:
     """Embed every pair's chosen and rejected response with a backbone, streaming shards to disk."""
