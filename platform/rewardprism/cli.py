@@ -59,11 +59,13 @@ def embed(
     from rewardprism.backbone import load_backbone
     from rewardprism.embed import EmbeddingSet, embed_pairs
     from rewardprism.features import FeatureSpec
-    from rewardprism.sources import open_dataset
+    from rewardprism.sources import first_checked, open_dataset, size_hint
 
-    try:
-        pairs = open_dataset(dataset, split=split, fmt=fmt, limit=limit, group=group,
-                             synthetic_per_user=synthetic_per_user, seed=seed, skip_bad_rows=skip_bad_rows)
+    try:  # the data is checked (its first pair read, its size counted) before a backbone loads
+        pairs = first_checked(open_dataset(dataset, split=split, fmt=fmt, limit=limit, group=group,
+                                           synthetic_per_user=synthetic_per_user, seed=seed,
+                                           skip_bad_rows=skip_bad_rows), dataset)
+        total = size_hint(dataset, limit=limit, synthetic_per_user=synthetic_per_user)
         if ray:
             import ray as ray_lib
 
@@ -73,11 +75,11 @@ def embed(
             probe = load_backbone(backbone, max_length=max_length, device="cpu")
             report = embed_pairs_ray(pairs, FeatureSpec.of(probe), out, dim=probe.dim, num_actors=num_actors,
                                      shard_size=shard_size, token_budget=token_budget, max_batch=max_batch,
-                                     dataset=dataset)
+                                     dataset=dataset, total=total)
         else:
             model = load_backbone(backbone, max_length=max_length, device=device)
             report = embed_pairs(pairs, model, out, shard_size=shard_size, token_budget=token_budget,
-                                 max_batch=max_batch, dataset=dataset)
+                                 max_batch=max_batch, dataset=dataset, total=total)
     except (DataError, FileNotFoundError) as exc:
         fail(str(exc))
     summary = DatasetSummary.of(EmbeddingSet(out).pairs())
