@@ -120,6 +120,40 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     )}
 
 
+DOCS_ASSETS = "/docs-assets"
+
+
+def self_hosted_docs(api: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from assets this package serves itself, not from a CDN, so the pages
+    render offline and behind a firewall (FastAPI's self-hosting recipe; the assets are fastapi-offline's copy
+    of Swagger UI and ReDoc)."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    api.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
+
+    def assets(request: Request) -> tuple[str, str]:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return root, f"{root}{DOCS_ASSETS}"
+
+    @api.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> Response:
+        root, static = assets(request)
+        return get_swagger_ui_html(openapi_url=f"{root}{api.openapi_url}", title=f"{api.title} - Swagger UI",
+                                   swagger_js_url=f"{static}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{static}/swagger-ui.css",
+                                   swagger_favicon_url=f"{static}/favicon.png")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> Response:
+        root, static = assets(request)
+        return get_redoc_html(openapi_url=f"{root}{api.openapi_url}", title=f"{api.title} - ReDoc",
+                              redoc_js_url=f"{static}/redoc.standalone.js", redoc_favicon_url=f"{static}/favicon.png",
+                              with_google_fonts=False)
+
+
 HeadSetName = Annotated[str, Path(max_length=128, pattern=schemas.NO_NUL)]
 HeadSetVersion = Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)]
 
@@ -128,7 +162,8 @@ def create_api(service: ScoringService, migrations: Migrations | None = None) ->
     api = FastAPI(title="RewardPrism", version="1",
                   description="Personalized reward scores: one backbone pass shared by all users, each user's "
                               "own weights over the served head set. See docs/serve.md.",
-                  responses=ERRORS)
+                  responses=ERRORS, docs_url=None, redoc_url=None)
+    self_hosted_docs(api)
     api.router.route_class = StrictJsonRoute
     api.state.service = service
     admin = AdminOperations(service, migrations)

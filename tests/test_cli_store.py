@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+import yaml
 from click.testing import Result
 from rewardprism.cli import app
 from rewardprism.heads import HeadSet
@@ -206,3 +207,93 @@ def test_export_import_round_trips_a_long_history_and_import_bounds_weights(tmp_
     assert refused.exit_code == 2 and "nests too deeply" in refused.output, refused.output
     listing = ok(rp(target, "users", "list"))
     assert "huge" not in listing and "deep" not in listing
+
+
+def test_reset_and_set_weights_follow_the_newly_active_version(tmp_path: Path, headset_dir: Path) -> None:
+    """alice's profile is over drm-cli@1; once @2 is active, `users reset alice` resets her onto @2, not @1."""
+    url = f"sqlite:///{tmp_path / 'reset.db'}"
+    ok(rp(url, "db", "upgrade"))
+    ok(rp(url, "models", "register", str(headset_dir), "--activate"))
+    ok(rp(url, "users", "create", "alice"))
+    ok(rp(url, "users", "set-weights", "alice", '{"pc0+": 1.0}'))
+    rng = np.random.default_rng(1)
+    second = HeadSet(rng.normal(size=(6, 8)), np.zeros(6), HEADS, "drm", "minilm", np.full(6, 1 / 6),
+                     name="drm-cli", version="2").save(tmp_path / "drm-cli-2")
+    ok(rp(url, "models", "register", str(second), "--activate"))
+    assert "default weights of drm-cli@2" in ok(rp(url, "users", "reset", "alice"))
+    assert "over drm-cli@2" in ok(rp(url, "users", "set-weights", "alice", '{"pc1+": 1.0}'))
+    assert "drm-cli@2" in ok(rp(url, "users", "show", "alice"))
+
+
+def test_database_url_after_the_sub_command_and_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    for args in (["users", "list", "--database-url", f"sqlite:///{missing}"],
+                 ["users", "--database-url", f"sqlite:///{missing}", "list"],
+                 ["keys", "list", f"--database-url=sqlite:///{missing}"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert f"no database file {missing}" in result.output and "rewardprism db upgrade" in result.output
+        assert not missing.exists()
+    current = runner.invoke(app, ["db", "current", "--database-url", f"sqlite:///{missing}"])
+    assert current.exit_code == 1 and "rewardprism db upgrade" in current.output and not missing.exists()
+    url = f"sqlite:///{tmp_path / 'made.db'}"
+    ok(runner.invoke(app, ["db", "upgrade", "--database-url", url]))  # the one command that creates the file
+    ok(runner.invoke(app, ["users", "create", "bob", "--database-url", url, "--actor", "tester"]))
+    assert "bob" in ok(runner.invoke(app, ["users", "list", "--database-url", url]))
+
+
+def test_a_registered_version_with_other_content_says_how_to_fix_it(tmp_path: Path, headset_dir: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'collide.db'}"
+    ok(rp(url, "db", "upgrade"))
+    ok(rp(url, "models", "register", str(headset_dir)))
+    rng = np.random.default_rng(2)
+    other = HeadSet(rng.normal(size=(6, 8)), np.zeros(6), HEADS, "drm", "minilm", np.full(6, 1 / 6),
+                    name="drm-cli", version="1").save(tmp_path / "other")
+    result = rp(url, "models", "register", str(other))
+    assert result.exit_code == 2
+    assert "drm-cli@1 is registered with other content" in result.output and "--version" in result.output
+
+
+def test_decompose_without_a_version_never_collides_on_register(tmp_path: Path) -> None:
+    """Two different head sets from `decompose` with no --version both register (before: both were drm@1)."""
+    from test_evaluate import linear_synthetic, write_embedding_folder
+
+    write_embedding_folder(tmp_path / "emb", linear_synthetic(per_user=40))
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    ok(rp(url, "db", "upgrade"))
+    labels = []
+    for k in (3, 4):
+        made = json.loads(ok(runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out",
+                                                 str(tmp_path / f"h{k}"), "--components", str(k), "--no-calibrate"])))
+        assert made["head_set"] == f"drm@{made['content_hash'][:8]}"
+        labels.append(made["head_set"])
+        assert f"registered {made['head_set']}" in ok(rp(url, "models", "register", str(tmp_path / f"h{k}")))
+    assert labels[0] != labels[1]
+
+
+def test_serve_against_a_missing_database_is_one_line_and_port_host_reach_the_config(
+        tmp_path: Path, headset_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    down = runner.invoke(app, ["serve", "--database-url", "postgresql://rp:pw@127.0.0.1:1/none"])
+    assert down.exit_code == 2 and "Traceback" not in down.output, down.output
+    assert down.output.count("\n") == 1 and "database postgresql+psycopg://rp:***@127.0.0.1:1/none" in down.output
+    missing = runner.invoke(app, ["serve", "--no-migrate", "--database-url", f"sqlite:///{tmp_path / 'no.db'}"])
+    assert missing.exit_code == 2 and "no database file" in missing.output and not (tmp_path / "no.db").exists()
+
+    from ray.serve.scripts import cli
+
+    seen: dict[str, object] = {}
+
+    def fake_serve_run(args: list[str], **_: object) -> None:  # Serve itself is tested in test_serve.py
+        seen.update(yaml.safe_load(Path(args[1]).read_text()))
+    monkeypatch.setattr(cli, "main", fake_serve_run)
+    monkeypatch.chdir(tmp_path)  # serve changes directory and sets these: restored after the test
+    for name in ("RP_HEAD_SET", "DATABASE_URL"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    result = runner.invoke(app, ["serve", "--database-url", url, "--head-set", str(headset_dir), "--port", "8123",
+                                 "--host", "127.0.0.1"])
+    assert result.exit_code == 0, result.output
+    assert seen["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert seen["applications"][0]["import_path"] == "serve_apps.app:app"
+    assert "*  drm-cli  1" in ok(rp(url, "models", "list"))

@@ -24,6 +24,9 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
                           text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
+    for noise in ("Running Dataset", "Execution plan", "INFO"):  # Ray's logs stay out of the story
+        assert noise not in out + proc.stderr, (noise, proc.stderr[-3000:])
+    assert "embedding: 100%" in proc.stderr  # its own bar
     for step in ("[1]", "[2] embedded 800 pairs", "[3] store: sqlite", "[4] each user sends 15 labelled pairs",
                  "[5] scores for", "held-out accuracy on 10 new pairs per user",
                  "[6] a new head set", f"migrated {len(DEFAULT_USERS)} users ({15 * len(DEFAULT_USERS)} pairs)",

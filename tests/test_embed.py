@@ -9,8 +9,9 @@ import pytest
 from rewardprism.backbone import load_backbone
 from rewardprism.cli import app
 from rewardprism.data import render
-from rewardprism.embed import EmbeddingSet, embed_pairs, token_budget_batches
+from rewardprism.embed import EmbeddingSet, EmbedProgress, embed_pairs, token_budget_batches
 from rewardprism.features import FeatureSpec
+from rewardprism.sources import size_hint
 from rewardprism.synthetic import SyntheticGenerator
 from typer.testing import CliRunner
 
@@ -144,3 +145,50 @@ def test_cli_embed_reports_and_names_bad_input(tmp_path):
     result = runner.invoke(app, ["embed", "--backbone", "tiny-llama", "--dataset", str(bad),
                                  "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "row 0, field 'rejected'" in result.output
+
+
+def test_progress_moves_per_forward_batch_toward_a_known_total(tmp_path, tiny, pairs, monkeypatch):
+    """The bar has a total and moves after every forward batch, not once per shard (a 2,000-pair shard on a busy
+    machine sat at 0 for 13 minutes), with tokens/s beside it."""
+    seen = []
+    real = EmbedProgress.batch
+
+    def spy(self, texts, tokens):
+        real(self, texts, tokens)
+        seen.append((self.bar.n, self.bar.total, self.bar.postfix))
+    monkeypatch.setattr(EmbedProgress, "batch", spy)
+    embed_pairs(pairs, tiny, tmp_path / "e", shard_size=40, max_batch=8, total=40)
+    assert len(seen) == 10  # 80 texts, 8 a batch, one shard
+    done = [n for n, _, _ in seen]
+    assert done == sorted(done) and 0 < done[0] < done[-1] <= 40 and {t for _, t, _ in seen} == {40}
+    assert all("tokens/s" in postfix for _, _, postfix in seen)
+    assert size_hint("synthetic", synthetic_per_user=10) == 40 and size_hint("synthetic", limit=7) == 7
+
+
+def test_cli_embed_checks_its_data_before_loading_a_backbone_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import rewardprism.backbone
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the data was checked")
+    monkeypatch.setattr(rewardprism.backbone, "load_backbone", no_backbone)
+    runner = CliRunner()
+    for dataset, message in ((tmp_path / "missing.jsonl", "no such file"), (tmp_path / "empty.jsonl", "no pairs")):
+        (tmp_path / "empty.jsonl").write_text("")
+        result = runner.invoke(app, ["embed", "--dataset", str(dataset), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+
+    # a bad row after the first shard: the shards written stay (a rerun reuses them), no temporary files do;
+    # a bad row inside the first shard: the folder this run made is removed
+    rows = [json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) for i in range(6)]
+    for bad_at, keeps_folder in ((4, True), (1, False)):
+        data = tmp_path / f"bad{bad_at}.jsonl"
+        data.write_text("\n".join(rows[:bad_at] + ['{"prompt": "p", "chosen": "a", "rejected": 1}'] + rows[bad_at:]))
+        out = tmp_path / f"out{bad_at}"
+        result = runner.invoke(app, ["embed", "--backbone", "tiny-bert", "--dataset", str(data), "--out", str(out),
+                                     "--shard-size", "2"])
+        assert result.exit_code == 2 and f"row {bad_at}, field 'rejected'" in result.output, result.output
+        assert out.exists() == keeps_folder and not list(tmp_path.rglob(".*.tmp"))
+        if keeps_folder:
+            assert len(list(out.glob("shard-*.safetensors"))) == 2

@@ -36,8 +36,8 @@ def embed(
     dataset: str = typer.Option("synthetic", help="'synthetic', a json/jsonl(.gz)/parquet file or folder, "
                                                   "or a Hugging Face dataset name"),
     out: Path = typer.Option(..., help="output folder (resumable: reruns skip finished shards)"),
-    backbone: str = typer.Option("minilm", help="minilm, smollm2, tiny-bert, tiny-llama, a folder, a .gguf "
-                                                "file or a hub name"),
+    backbone: str = typer.Option("minilm", envvar="RP_EMBED_BACKBONE",
+                                 help="minilm, smollm2, tiny-bert, tiny-llama, a folder, a .gguf file or a hub name"),
     split: str = typer.Option("train", help="split, for hub datasets"),
     fmt: str = typer.Option("auto", "--format", help="auto, canonical, trl, hh-rlhf, alpaca-eval"),
     group: str | None = typer.Option(None, help="group for pairs that carry none"),
@@ -51,18 +51,21 @@ def embed(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)"),
     ray: bool = typer.Option(False, "--ray", help="run on the Ray cluster (Ray Data, an actor pool)"),
     num_actors: int = typer.Option(2, min=1, help="actors, with --ray"),
-    synthetic_per_user: int = typer.Option(500, min=1, help="pairs per simulated user, for 'synthetic'"),
+    synthetic_per_user: int = typer.Option(500, min=1, envvar="RP_SYNTHETIC_PER_USER",
+                                           help="pairs per simulated user (4 users), for 'synthetic'"),
     seed: int = typer.Option(0, help="seed of the synthetic generator"),
 ) -> None:
     """Embed every pair's chosen and rejected response with a backbone, streaming shards to disk."""
     from rewardprism.backbone import load_backbone
     from rewardprism.embed import EmbeddingSet, embed_pairs
     from rewardprism.features import FeatureSpec
-    from rewardprism.sources import open_dataset
+    from rewardprism.sources import first_checked, open_dataset, size_hint
 
-    try:
-        pairs = open_dataset(dataset, split=split, fmt=fmt, limit=limit, group=group,
-                             synthetic_per_user=synthetic_per_user, seed=seed, skip_bad_rows=skip_bad_rows)
+    try:  # the data is checked (its first pair read, its size counted) before a backbone loads
+        pairs = first_checked(open_dataset(dataset, split=split, fmt=fmt, limit=limit, group=group,
+                                           synthetic_per_user=synthetic_per_user, seed=seed,
+                                           skip_bad_rows=skip_bad_rows), dataset)
+        total = size_hint(dataset, limit=limit, synthetic_per_user=synthetic_per_user)
         if ray:
             import ray as ray_lib
 
@@ -72,11 +75,11 @@ def embed(
             probe = load_backbone(backbone, max_length=max_length, device="cpu")
             report = embed_pairs_ray(pairs, FeatureSpec.of(probe), out, dim=probe.dim, num_actors=num_actors,
                                      shard_size=shard_size, token_budget=token_budget, max_batch=max_batch,
-                                     dataset=dataset)
+                                     dataset=dataset, total=total)
         else:
             model = load_backbone(backbone, max_length=max_length, device=device)
             report = embed_pairs(pairs, model, out, shard_size=shard_size, token_budget=token_budget,
-                                 max_batch=max_batch, dataset=dataset)
+                                 max_batch=max_batch, dataset=dataset, total=total)
     except (DataError, FileNotFoundError) as exc:
         fail(str(exc))
     summary = DatasetSummary.of(EmbeddingSet(out).pairs())

@@ -7,6 +7,7 @@ prompt of its training half, whichever dataset it was fitted on.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -34,7 +35,9 @@ def decompose(
     ray: Annotated[bool, typer.Option("--ray", help="reduce shards in Ray tasks (joins RAY_ADDRESS or starts "
                                                     "a local cluster)")] = False,
     name: Annotated[str, typer.Option(help="head set name")] = "drm",
-    version: Annotated[str, typer.Option(help="head set version")] = "1",
+    version: Annotated[str | None, typer.Option(
+        help="head set version (default: the heads' content hash, so two different head sets never collide "
+             "in the registry)", show_default=False)] = None,
     calibrate: Annotated[bool, typer.Option(help="choose the default adaptation's hyperprior centre by "
                                                  "cross-fitting on the same pairs (reads them into memory)")] = True,
 ) -> None:
@@ -63,13 +66,16 @@ def decompose(
         else:
             decomposition = decompose_folder(embeddings, components, rows=rows, use_ray=ray)
         head_set = fit_head_set(decomposition, chosen, rejected, pairs, population_head=population_head,
-                                calibrate=calibrate, features=data.features, name=name, version=version,
+                                calibrate=calibrate, features=data.features, name=name, version=version or "1",
                                 split={**split_record(test_fraction, split_seed), "part": split},
                                 dataset=f"{data.index.get('dataset') or embeddings} [{split}]")
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
+    if version is None:  # the version is not part of the content hash
+        head_set = dataclasses.replace(head_set, version=head_set.content_hash[:8])
     head_set.save(out)
-    typer.echo(json.dumps({"out": str(out), "heads": head_set.num_heads, "content_hash": head_set.content_hash,
+    typer.echo(json.dumps({"out": str(out), "head_set": f"{head_set.name}@{head_set.version}",
+                           "heads": head_set.num_heads, "content_hash": head_set.content_hash,
                            "pairs": int(decomposition.n_samples_seen_), "backbone": head_set.backbone,
                            "explained_variance_ratio_top5":
                                np.round(decomposition.explained_variance_ratio_[:5], 4).tolist(),

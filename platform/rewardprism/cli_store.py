@@ -18,9 +18,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, NoReturn
 
+import click
 import sqlalchemy as sa
 import typer
 from sqlalchemy.orm import Session
+from typer.core import TyperGroup
 
 from rewardprism.store import (
     SCOPES,
@@ -43,6 +45,7 @@ from rewardprism.store import (
     make_engine,
     make_sessions,
     migrate,
+    missing_sqlite_file,
     record_audit,
     register_head_set,
     reset_profile,
@@ -52,10 +55,42 @@ from rewardprism.store import (
     set_user_disabled,
 )
 
-db_app = typer.Typer(help="The database schema (Alembic migrations).", no_args_is_help=True)
-users_app = typer.Typer(help="Users, their profiles and feedback.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys for clients and admins.", no_args_is_help=True)
-models_app = typer.Typer(help="The head-set registry: which saved heads are served.", no_args_is_help=True)
+_GROUP_OPTIONS = ("--database-url", "--actor")
+
+
+class _AdminGroup(TyperGroup):
+    """A command group whose own options (--database-url, --actor) may also follow the sub-command:
+    `users list --database-url URL` is read as `users --database-url URL list`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        moved: list[str] = []
+        rest: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest.extend(args[i:])
+                break
+            if arg in _GROUP_OPTIONS and i + 1 < len(args):
+                moved.extend(args[i:i + 2])
+                i += 2
+                continue
+            if arg.partition("=")[0] in _GROUP_OPTIONS and "=" in arg:
+                moved.append(arg)
+            else:
+                rest.append(arg)
+            i += 1
+        return super().parse_args(ctx, moved + rest)
+
+
+def _group(help: str) -> typer.Typer:
+    return typer.Typer(cls=_AdminGroup, help=help, no_args_is_help=True)
+
+
+db_app = _group("The database schema (Alembic migrations).")
+users_app = _group("Users, their profiles and feedback.")
+keys_app = _group("API keys for clients and admins.")
+models_app = _group("The head-set registry: which saved heads are served.")
 
 
 @dataclass(frozen=True)
@@ -68,7 +103,8 @@ def _connect(
     ctx: typer.Context,
     database_url: Annotated[str | None, typer.Option(
         "--database-url", show_default=False,
-        help="SQLAlchemy URL; default: $DATABASE_URL, else sqlite:///rewardprism.db in the working directory",
+        help="SQLAlchemy URL (before or after the sub-command); default: $DATABASE_URL, else "
+             "sqlite:///rewardprism.db in the working directory",
     )] = None,
     actor: Annotated[str | None, typer.Option(
         help="who is acting, for the audit log; default: $RP_ACTOR or your login")] = None,
@@ -103,10 +139,16 @@ def _errors(settings: StoreSettings) -> Iterator[None]:
               "(is it reachable, and migrated with `rewardprism db upgrade`?)", code=1)
 
 
+def _refuse_missing_file(settings: StoreSettings) -> None:
+    if (path := missing_sqlite_file(settings.database_url)) is not None:
+        _fail(f"no database file {path}: create it with `rewardprism db upgrade` (or give --database-url)")
+
+
 @contextmanager
 def _transaction(ctx: typer.Context) -> Iterator[Session]:
     """One session, committed when the command body finishes and rolled back if it fails."""
     admin: _Admin = ctx.obj
+    _refuse_missing_file(admin.settings)
     engine = make_engine(admin.settings)
     try:
         with _errors(admin.settings), make_sessions(engine).begin() as session:
@@ -155,11 +197,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 
 def _pick_head_set(session: Session, user: User, name: str | None) -> HeadSetRow:
-    """--head-set NAME: its active version; else the profile's own head set; else the only active one."""
+    """--head-set NAME: its active version; else the active version of the profile's head set (the profile's own
+    version when none is active); else the only active head set."""
     if name is not None:
         return get_head_set(session, name)
-    if user.profile is not None:
-        return user.profile.head_set
+    if user.profile is not None:  # the active version of the profile's head set, which may be newer
+        own = user.profile.head_set
+        return own if own.active else next((h for h in list_head_sets(session, own.name) if h.active), own)
     active = [h for h in list_head_sets(session) if h.active]
     if len(active) != 1:
         _fail(f"user {user.external_id!r} has no profile and {len(active)} head sets are active "
@@ -200,6 +244,7 @@ def db_downgrade(
     revision: Annotated[str, typer.Argument(help="target revision; 'base' drops every table")],
 ) -> None:
     """Migrate the database down to REVISION."""
+    _refuse_missing_file(ctx.obj.settings)
     with _migrations(ctx) as (migrate, url):
         migrate.downgrade(url, revision)
         typer.echo(f"{safe_url(url)} is at revision {migrate.current_revision(url) or 'base (empty)'}")
@@ -209,7 +254,8 @@ def db_downgrade(
 def db_current(ctx: typer.Context) -> None:
     """Show the database's revision and whether it is the newest; exit code 1 when it is behind."""
     with _migrations(ctx) as (migrate, url):
-        current, head = migrate.current_revision(url), migrate.head_revision()
+        missing = missing_sqlite_file(url) is not None  # reported as empty, not created by looking
+        current, head = None if missing else migrate.current_revision(url), migrate.head_revision()
     typer.echo(f"{safe_url(url)}: revision {current or 'none (empty)'}, newest {head}")
     if current != head:
         _fail("the schema is behind: run `rewardprism db upgrade`", code=1)

@@ -56,6 +56,20 @@ class DemoConfig:
             raise ConfigError("held_out", f"must be a positive number of pairs, got {self.held_out}")
 
 
+def quiet_ray() -> None:
+    """The demo reads as a story: Ray Data's execution INFO lines and per-operator progress blocks, and the
+    driver's Ray INFO logs, are off; the embedding shows its own bar (pairs, tokens/s, ETA)."""
+    import logging
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = ctx.enable_auto_log_stats = False
+    for name in ("ray", "ray.data", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def free_port(preferred: int) -> int:
     with socket.socket() as s:
         try:
@@ -75,7 +89,7 @@ def fit_demo_head_set(workdir: Path, backbone: str, generator: SyntheticGenerato
     pairs = generator.dataset(N_POPULATION)
     probe = load_backbone(backbone, device="cpu")
     report = embed_pairs_ray(pairs, FeatureSpec.of(probe), workdir / "embeddings", dim=probe.dim, num_actors=2,
-                             shard_size=200, dataset="synthetic", progress=False)
+                             shard_size=200, dataset="synthetic", total=len(pairs))
     print(f"[2] embedded {report.n_pairs} pairs ({report.shards_written} shards on Ray, "
           f"{report.shards_reused} reused) with {backbone}")
     return fit_from_embeddings(workdir, backbone, K, "1")
@@ -145,6 +159,7 @@ def main(
     from ray import serve
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster, always
+    quiet_ray()
     generator = SyntheticGenerator(seed=0, sharpness=SHARPNESS)
     print(f"[1] {len(DEFAULT_USERS)} simulated users: " + ", ".join(u.name for u in DEFAULT_USERS))
     heads_path = fit_demo_head_set(workdir, demo.backbone, generator)

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -60,9 +61,11 @@ def token_budget_batches(lengths: np.ndarray, token_budget: int, max_batch: int)
 class EmbeddingExtractor:
     """Batched, length-sorted forward passes of a backbone under `torch.inference_mode`."""
 
-    def __init__(self, backbone: Backbone, token_budget: int | None = None, max_batch: int = 64):
+    def __init__(self, backbone: Backbone, token_budget: int | None = None, max_batch: int = 64,
+                 on_batch: Callable[[int, int], None] | None = None):
         self.backbone, self.max_batch = backbone, max_batch
         self.token_budget = token_budget or default_token_budget(backbone.device)
+        self.on_batch = on_batch  # (texts, real tokens) after each forward batch: a progress bar's steps
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids, cut at `max_length` (default: the backbone's) on the tokenizer's truncation side."""
@@ -81,6 +84,8 @@ class EmbeddingExtractor:
         for batch in token_budget_batches(lengths, self.token_budget, self.max_batch):
             input_ids, mask = self.pad([ids[i] for i in batch])
             out[batch] = self.backbone(input_ids, mask).float().cpu().numpy()
+            if self.on_batch is not None:
+                self.on_batch(len(batch), int(lengths[batch].sum()))
         return out
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +123,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | Path, features: FeatureSpec, dim: int, dataset: str = ""):
         self.out = Path(out_dir)
+        self.created = not self.out.exists()  # made by this run: removed again if the run writes nothing
         self.out.mkdir(parents=True, exist_ok=True)
         previous = json.loads((self.out / INDEX).read_text()) if (self.out / INDEX).exists() else {}
         # A folder written before specs were recorded has none: its shards' fingerprints still tell.
@@ -186,23 +192,61 @@ class EmbedReport:
 EmbedChunks = Callable[[Iterator[list[PreferencePair]]], Iterator[tuple[np.ndarray, np.ndarray, int]]]
 
 
+class EmbedProgress:
+    """The `embedding` bar: pairs done of the total (when known), tokens/s and the ETA.
+
+    Moved after every forward batch (half a pair per text: a batch mixes chosen and rejected texts) and set
+    exactly at the end of each shard, so a slow machine shows steady progress instead of 0 for a whole shard.
+    """
+
+    def __init__(self, total: int | None, enabled: bool = True):
+        self.bar = tqdm(total=total, unit="pair", desc="embedding", disable=not enabled, dynamic_ncols=True)
+        self.start, self.pairs, self.tokens, self.shard_texts, self.shard_tokens = time.perf_counter(), 0, 0, 0, 0
+
+    def batch(self, texts: int, tokens: int) -> None:
+        self.shard_texts += texts
+        self.shard_tokens += tokens
+        self._show(self.pairs + self.shard_texts // 2)
+
+    def shard(self, pairs: int, tokens: int) -> None:
+        """A shard written (`tokens` it read) or reused (0)."""
+        self.pairs += pairs
+        self.tokens += tokens
+        self.shard_texts = self.shard_tokens = 0
+        self._show(self.pairs)
+
+    def _show(self, done: int) -> None:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{(self.tokens + self.shard_tokens) / seconds:,.0f} tokens/s", refresh=False)
+        self.bar.update(max(done - self.bar.n, 0))
+
+    def close(self) -> None:
+        if self.bar.total is not None and self.bar.n != self.bar.total:  # rows skipped as bad: end at 100%
+            self.bar.total = self.bar.n
+            self.bar.refresh()
+        self.bar.close()
+
+
 def embed_pairs(pairs: Iterable[PreferencePair], backbone: Backbone, out_dir: str | Path, *,
                 shard_size: int = 4096, token_budget: int | None = None, max_batch: int = 64, dataset: str = "",
-                progress: bool = True) -> EmbedReport:
-    """Embed a stream of pairs into `out_dir` shard by shard; reruns skip shards already written."""
-    extractor = EmbeddingExtractor(backbone, token_budget, max_batch)
+                progress: bool = True, total: int | None = None) -> EmbedReport:
+    """Embed a stream of pairs into `out_dir` shard by shard; reruns skip shards already written.
+
+    `total`: how many pairs to expect, for the progress bar (`rewardprism.sources.size_hint`)."""
     writer = ShardWriter(out_dir, FeatureSpec.of(backbone), backbone.dim, dataset)
-    return write_embeddings(chunked(pairs, shard_size), writer, lambda todo: map(extractor.embed_pairs, todo),
-                            progress)
+    bar = EmbedProgress(total, progress)
+    extractor = EmbeddingExtractor(backbone, token_budget, max_batch, on_batch=bar.batch)
+    return write_embeddings(chunked(pairs, shard_size), writer, lambda todo: map(extractor.embed_pairs, todo), bar)
 
 
 def write_embeddings(chunks: Iterable[list[PreferencePair]], writer: ShardWriter, embed_chunks: EmbedChunks,
-                     progress: bool = True) -> EmbedReport:
+                     bar: EmbedProgress) -> EmbedReport:
     """The loop the local and the Ray paths share: fingerprint each shard, reuse it or embed it, write.
 
     `embed_chunks` maps the stream of shards that need work to their features, in order; a lazy map keeps
     one shard in memory (`tee` buffers only the shards between the two cursors: the Ray path reads one window
-    of shards ahead).
+    of shards ahead). A run that fails leaves no temporary files, and no folder at all if it made the folder
+    and wrote no shard; shards it did write stay, for a rerun to reuse.
     """
     start, tokens, written, reused = time.perf_counter(), 0, 0, 0
     spec = writer.features
@@ -212,19 +256,29 @@ def write_embeddings(chunks: Iterable[list[PreferencePair]], writer: ShardWriter
     ahead, behind = itertools.tee(plan)
     results = embed_chunks(chunk for _, chunk, _, reuse in ahead if not reuse)
     pairs_file = writer.out / f".{PAIRS}.tmp"
-    with tqdm(unit="pair", desc="embedding", disable=not progress) as bar, _PairsAppender(pairs_file) as pairs_out:
-        for number, chunk, fingerprint, reuse in behind:
-            if reuse:
-                writer.reuse(fingerprint)
-                reused += 1
-            else:
-                chosen, rejected, n_tokens = next(results)
-                writer.write(number, fingerprint, chosen, rejected, n_tokens)
-                tokens += n_tokens
-                written += 1
-            pairs_out.add(chunk)
-            bar.update(len(chunk))
-    os.replace(pairs_file, writer.out / PAIRS)
+    try:
+        with _PairsAppender(pairs_file) as pairs_out:
+            for number, chunk, fingerprint, reuse in behind:
+                n_tokens = 0
+                if reuse:
+                    writer.reuse(fingerprint)
+                    reused += 1
+                else:
+                    chosen, rejected, n_tokens = next(results)
+                    writer.write(number, fingerprint, chosen, rejected, n_tokens)
+                    tokens += n_tokens
+                    written += 1
+                pairs_out.add(chunk)
+                bar.shard(len(chunk), n_tokens)
+        os.replace(pairs_file, writer.out / PAIRS)
+    except BaseException:
+        for tmp in writer.out.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if writer.created and not written and not reused:
+            shutil.rmtree(writer.out, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
     return EmbedReport(writer.index["n_pairs"], tokens, time.perf_counter() - start, written, reused)
 
 

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from rewardprism.data import PreferencePair
-from rewardprism.embed import EmbeddingExtractor, EmbedReport, ShardWriter, chunked, write_embeddings
+from rewardprism.embed import (
+    EmbeddingExtractor,
+    EmbedProgress,
+    EmbedReport,
+    ShardWriter,
+    chunked,
+    write_embeddings,
+)
 from rewardprism.features import FeatureSpec
 
 
@@ -45,13 +52,14 @@ def embed_pairs_ray(pairs: Iterable[PreferencePair], features: FeatureSpec, out_
                     num_actors: int = 2, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                     shard_size: int = 1024, token_budget: int | None = None, max_batch: int = 64,
                     dataset: str = "", shards_per_actor: int = 4, actor_resources: dict[str, float] | None = None,
-                    progress: bool = True) -> EmbedReport:
+                    progress: bool = True, total: int | None = None) -> EmbedReport:
     """Embed on the current Ray cluster (`ray.init()` first, or it starts a local one) the features `features`
     describes (`dim` of them per text, as `FeatureSpec.of` a backbone loaded on the driver tells).
 
     A window of `num_actors × shards_per_actor` shards is one Ray Data run (each actor loads the backbone once
-    per window): larger windows load less often, smaller ones hold fewer pairs in the driver.
-    `actor_resources` (custom resources each actor also needs) pins the actors to the nodes that have them.
+    per window): larger windows load less often, smaller ones hold fewer pairs in the driver. The progress bar
+    moves per shard (`total`: pairs expected). `actor_resources` (custom resources each actor also needs) pins
+    the actors to the nodes that have them.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -76,4 +84,4 @@ def embed_pairs_ray(pairs: Iterable[PreferencePair], features: FeatureSpec, out_
                 yield row["chosen"], row["rejected"], int(row["tokens"])
 
     writer = ShardWriter(out_dir, features, dim, dataset)
-    return write_embeddings(chunked(pairs, shard_size), writer, embed_chunks, progress)
+    return write_embeddings(chunked(pairs, shard_size), writer, embed_chunks, EmbedProgress(total, progress))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -95,3 +96,12 @@ def normalize_url(url: str) -> str:
 def safe_url(url: str | sa.URL) -> str:
     """The URL with its password masked: the only form that may reach logs or terminals."""
     return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The SQLite file `url` names when it does not exist (connecting would create an empty one), else None."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path

@@ -56,7 +56,9 @@ def register_head_set(session: Session, heads: HeadSet, *, uri: str, activate: b
                 raise
     if existing is not None and existing.content_hash != content_hash:
         raise AlreadyExists(f"head set {existing.label} is registered with other content "
-                            f"({existing.content_hash})")
+                            f"({existing.content_hash}, these heads are {content_hash}): save them under a new "
+                            f"version (`rewardprism decompose --version V`, or leave --version out for one named "
+                            f"by their content hash) or another name")
     return activate_head_set(session, name, version) if activate else existing or head_set
 
 
