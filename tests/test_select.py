@@ -1,6 +1,8 @@
 """Active pair selection (`rewardprism.select`) against direct computations and simulated users."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from rewardprism.adapt import adapt_users
@@ -158,3 +160,43 @@ def test_evaluation_never_scores_an_asked_pair():
         assert (result.total[result.groups.index(group)] == len(members) - 30).all()  # pool of 30 held back
     with pytest.raises(ValueError, match="too few"):
         evaluate_selection(test, 40, method="random", prior=population, seeds=range(2))
+
+
+def test_cli_selects_pairs_to_ask_and_evaluates_selection(tmp_path):
+    from rewardprism.cli import app
+    from test_evaluate import linear_synthetic, write_embedding_folder
+    from typer.testing import CliRunner
+
+    data = linear_synthetic(per_user=60)
+    write_embedding_folder(tmp_path / "emb", data)
+    runner = CliRunner()
+    heads = str(tmp_path / "heads")
+    assert runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out", heads,
+                               "--components", "4"]).exit_code == 0
+    out = runner.invoke(app, ["adapt", "--heads", heads, "--select", "3", "--pool", str(tmp_path / "emb"),
+                              "--out", str(tmp_path / "ask.json")])
+    assert out.exit_code == 0, out.output
+    asked = json.loads((tmp_path / "ask.json").read_text())
+    assert len(asked) == 3 and len({a["pool_index"] for a in asked}) == 3
+    pair = data.pairs[asked[0]["pool_index"]]
+    assert {asked[0]["a"], asked[0]["b"]} == {pair.chosen, pair.rejected}
+    # a user with labels: their posterior moves, so do the questions
+    out = runner.invoke(app, ["adapt", "--heads", heads, "--embeddings", str(tmp_path / "emb"), "--group", "concise",
+                              "--limit", "10", "--select", "3", "--pool", str(tmp_path / "emb"),
+                              "--out", str(tmp_path / "ask2.json")])
+    assert out.exit_code == 0 and json.loads(out.output)["labelled"] == 10
+    out = runner.invoke(app, ["adapt", "--heads", heads, "--select", "3", "--out", str(tmp_path / "x.json")])
+    assert out.exit_code == 2 and "--select and --pool go together" in out.output
+    out = runner.invoke(app, ["adapt", "--heads", heads, "--pool", str(tmp_path / "emb"), "--select", "3",
+                              "--select-method", "best", "--out", str(tmp_path / "x.json")])
+    assert out.exit_code == 2 and "--select-method: unknown method 'best'" in out.output
+    out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", heads, "--n", "5",
+                              "--seeds", "2", "--select", "information", "--no-baselines",
+                              "--out", str(tmp_path / "report.md")])
+    assert out.exit_code == 0, out.output
+    rows = json.loads((tmp_path / "report.json").read_text())["selection"]["rows"]
+    assert [r["label"] for r in rows] == ["chosen n=5 (information, one at a time)", "random n=5"]
+    assert "Active selection (information)" in out.output
+    out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", heads,
+                              "--select", "random"])
+    assert out.exit_code == 2 and "--select: unknown method 'random'" in out.output

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -237,3 +237,34 @@ def _ask(test: ScoredPairs, pools: list[np.ndarray], n: int, method: SelectMetho
             taken[asked[s]] = True
             asked[s] = np.concatenate([asked[s], select_pairs(gaps[s], belief, k, method, exclude=taken)])
     return np.stack([pool[a] for pool, a in zip(pools, asked)])
+
+
+def selection_report(test: ScoredPairs, prior: np.ndarray, *, center: float | None, n_values: Sequence[int],
+                     method: SelectMethod = "information", seeds: Sequence[int] = SEEDS,
+                     batch: int = 5) -> dict[str, Any]:
+    """Rows "chosen n" (asked one at a time, and `batch` at a time) next to "random n" from the same pools,
+    honest accuracy (held-out pairs only), mean (std) over seeds per group and overall."""
+    rows = []
+    for n in n_values:
+        runs = [(method, 1, f"chosen n={n} ({method}, one at a time)"),
+                (method, batch, f"chosen n={n} ({method}, {batch} at a time)"), ("random", 1, f"random n={n}")]
+        for how, size, label in runs:
+            if size > 1 and (how == "random" or size >= n):
+                continue  # random needs no batches; a batch of all n is one query
+            result = evaluate_selection(test, n, method=how, prior=prior, center=center, seeds=seeds, batch=size,
+                                        label=label)
+            rows.append({"label": label, "n": n, "honest": result.summary()})
+    return {"method": method, "batch": batch, "seeds": len(seeds), "groups": test.group_names, "rows": rows}
+
+
+def selection_markdown(report: dict[str, Any]) -> str:
+    """The selection rows as a markdown table (honest accuracy; each seed splits every group into a pool and
+    held-out pairs, the same for every row)."""
+    columns = report["groups"] + ["overall"]
+    lines = [f"Active selection ({report['method']}), honest accuracy on each group's held-out pairs, "
+             f"{report['seeds']} seeds:", "", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row in report["rows"]:
+        cells = [row["honest"].get(c) for c in columns]
+        lines.append(f"| {row['label']} | " + " | ".join("" if c is None else f"{c[0]:.3f} ({c[1]:.3f})"
+                                                         for c in cells) + " |")
+    return "\n".join(lines) + "\n"
