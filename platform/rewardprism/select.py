@@ -1,26 +1,28 @@
 """Active selection: which pairs to ask a user to label next, so that a few labels teach the most.
 
 A user's profile under the default adaptation (`adapt.hierarchical_bt`) has a posterior over head weights: per
-prior strength of the ladder, a Laplace approximation N(ŵ_g, Λ_g⁻¹) at that strength's MAP (Λ_g = l2_g·I +
-Σᵢ pᵢ(1−pᵢ) xᵢxᵢᵀ, the Bradley-Terry Fisher information plus the prior's precision), mixed by the strengths'
-posterior probabilities. `posteriors` moment-matches that mixture to one Gaussian N(μ, Σ): μ is exactly the
-profile the default method serves, Σ holds both each strength's uncertainty and the spread between strengths. A
-user with no labels gets the population prior: μ = the head set's default profile, Σ from the hyperprior alone.
+prior strength of the ladder, a Laplace approximation N(ŵ_g, (l2_g·I + F)⁻¹) at that strength's MAP (F the
+labels' Bradley-Terry Fisher information Σᵢ pᵢ(1−pᵢ) xᵢxᵢᵀ), mixed by the strengths' posterior probabilities
+(`posteriors`). Its mean is exactly the profile the default method serves. A user with no labels gets the
+population prior: every component at the head set's default profile, weighted by the hyperprior alone.
 
 Criteria for a pool of candidate pairs, each given by its head-score gap x = s_a − s_b (which response is "a"
 does not matter to any criterion):
-- `information` (default): the mutual information between the pair's label and the weights under N(μ, Σ)
-  (BALD): the label's entropy under the posterior predictive minus its expected entropy given w. The score
-  a = w·x is N(μ·x, xᵀΣx), so this is a one-dimensional integral per pair (Gauss-Hermite). It prefers pairs
-  whose order the posterior disagrees with itself about: unsure (μ·x near 0) along directions the labels have
-  not pinned down (xᵀΣx large), where the answer is not mere label noise. A batch of k is chosen greedily: after
-  each pick Σ is updated as if that pair were labelled (its expected Fisher term added, Sherman–Morrison; the
-  label's value is not needed), so a near-copy of a pick gains almost nothing and is not asked twice.
+- `information` (default): the mutual information between the pair's label and (strength, weights) under that
+  mixture (BALD): the entropy of the predicted label minus its expected entropy given the weights. Within a
+  strength it prefers pairs the posterior is unsure of along directions the labels have not pinned down; across
+  strengths it prefers pairs on which a user who agrees with the population and one who does not would answer
+  differently, which is what decides how far a profile may move. A batch of k is chosen greedily: after each
+  pick, that pair's expected Fisher term joins F (the label's value is not needed), so a near-copy of a pick
+  gains almost nothing and is not asked twice.
 - `uncertainty`: the smallest |μ·x|, the pairs the current profile is least sure how to order (a baseline: it
-  ignores what the labels already determine, so it asks near-copies).
+  ignores what the labels already determine, and asks near-copies).
 - `random`: the protocol's uniform sample (a baseline).
 
-Vectorized over the pool: one (N, H) × (H, H) product, then O(N·H) per pick.
+Vectorized over the pool: one (N, H) × (H, H) product and closed forms per pair and strength; one (N, H) ×
+(H, G) product per further pick of a batch. The parameter-only criterion (the D-optimal increment at one
+strength) was tried first and lost to random pairs for users who differ from the population: it never asks the
+pairs that would reveal that they differ.
 """
 from __future__ import annotations
 
