@@ -210,6 +210,15 @@ def create_api(service: ScoringService, migrations: Migrations | None = None) ->
         """Store labelled pairs and re-adapt the user's profile from all their feedback; the next score uses it."""
         return await service.feedback(who, user_id, request)
 
+    @api.post("/v1/users/{user_id}/queries", response_model=schemas.QueryResponse, tags=["users"])
+    async def queries(user_id: UserPath, request: schemas.QueryRequest, who: Auth) -> schemas.QueryResponse:
+        """The pairs this user should label next: the ones whose answers would teach their profile the most.
+
+        From a pool registered with the served head set (`rewardprism pools register`), or among the `responses`
+        sent for one prompt. Send the answers as feedback citing each pair's `query_id`.
+        """
+        return await service.queries(who, user_id, request)
+
     @api.get("/v1/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["users"])
     async def profile(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
         return await service.profile(who, user_id)

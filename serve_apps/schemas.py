@@ -86,14 +86,71 @@ class CompareRequest(Conversation):
     b: Text
 
 
+QueryId = Annotated[str, StringConstraints(pattern=r"^(pool:[0-9]{1,10}:[0-9]{1,10}|resp:[0-9a-f]{40})$")]
+
+
 class PairIn(Conversation):
     chosen: Text
     rejected: Text
     source: Annotated[str, StringConstraints(min_length=1, max_length=SOURCE_MAX, pattern=NO_NUL)] = "api"
+    query_id: QueryId | None = Field(None, description="the query this label answers (from POST .../queries); "
+                                                       "it must name this prompt and these two responses",
+                                     json_schema_extra=_absent_not_null)
 
 
 class FeedbackRequest(Body):
     pairs: list[PairIn] = Field(min_length=1, max_length=LIMITS.max_pairs_per_call)
+
+
+MAX_QUERIES = 50  # pairs one query may ask for
+PoolName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class QueryRequest(Body):
+    """Which pairs to ask a user next: from a registered pool, or among responses the client has for one prompt."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["pool"]}, {"required": ["responses"]}]})
+
+    k: int = Field(1, ge=1, le=MAX_QUERIES, description="how many pairs to ask")
+    method: Literal["information", "uncertainty", "random"] = "information"
+    pool: PoolName | None = Field(None, description="a pool registered with the served head set",
+                                  json_schema_extra=_absent_not_null)
+    prompt: PromptText | None = Field(None, json_schema_extra=_absent_not_null)
+    messages: list[Message] | None = Field(None, min_length=1, max_length=256, json_schema_extra=_absent_not_null)
+    responses: list[Text] | None = Field(None, min_length=2, max_length=MAX_RESPONSES,
+                                         description="two or more responses to the prompt: which pairs to ask",
+                                         json_schema_extra=_absent_not_null)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QueryRequest:
+        prompts = (self.prompt is not None) + (self.messages is not None)
+        if self.pool is not None:
+            if prompts or self.responses is not None:
+                raise ValueError("give either 'pool' or a prompt with 'responses', not both")
+        elif self.responses is None or prompts != 1:
+            raise ValueError("give 'pool', or 'responses' with exactly one of 'prompt' or 'messages'")
+        return self
+
+    @property
+    def conversation(self) -> Prompt:
+        return self.prompt if self.prompt is not None else [m.model_dump() for m in self.messages or []]
+
+
+class Query(BaseModel):
+    query_id: str = Field(description="cite it as pairs[].query_id when sending the user's answer as feedback")
+    prompt: str | list[dict[str, str]]
+    a: str
+    b: str
+    responses: list[int] | None = Field(None, description="indices of a and b in the request's responses")
+
+
+class QueryResponse(BaseModel):
+    user_id: str
+    queries: list[Query]
+    method: str
+    labelled: int = Field(description="the user's feedback pairs the posterior was fitted on")
+    candidates: int = Field(description="pairs the queries were chosen from")
+    head_set: str
 
 
 class ProfileUsed(BaseModel):

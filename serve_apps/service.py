@@ -54,6 +54,7 @@ from rewardprism.scoring import (
     explain,
     preference_probability,
 )
+from rewardprism.select import posteriors, response_pairs, select_pairs
 from rewardprism.store import Feedback, FeedbackPair, IdempotentRequest, ProfileUpdate, idempotency
 from rewardprism.store.rollout import STORED_METHOD
 from sqlalchemy.orm import Session
@@ -75,6 +76,7 @@ PURGE_EVERY_S = 60.0  # how often a replica deletes expired idempotent answers
 # The Idempotency-Key of the request being served (set by the route layer, `serve_apps.api`): the one write the
 # request makes replays or stores its answer under it.
 IDEMPOTENCY: ContextVar[IdempotentRequest | None] = ContextVar("rewardprism_idempotency", default=None)
+POOLS_CACHED = 8  # query pools whose head-score gaps a replica keeps in memory
 HEALTH_WAIT_S = 0.5  # /healthz waits this long for its database probe, then reports what it knows
 
 
@@ -154,6 +156,27 @@ class Metrics(Protocol):
 Embed = Callable[[HeadSetRef, ScoreJob], Awaitable[ScoredJob]]
 
 
+@dataclass(frozen=True)
+class QueryState:
+    history: list[tuple[Prompt, str, str]]  # the user's feedback pairs, oldest first
+    pool_id: int | None
+    answered: set[int]  # positions of the pool's pairs the user already labelled
+
+
+def response_query_id(prompt: Prompt, a: str, b: str) -> str:
+    """The id of "which of a and b is better for this prompt", whichever way round it is asked or answered."""
+    digest = hashlib.sha256(json.dumps([prompt, sorted([a, b])], sort_keys=True).encode()).hexdigest()
+    return f"resp:{digest[:40]}"
+
+
+def choose_pairs(heads: HeadSet, scores: np.ndarray, gaps: np.ndarray, k: int, method: str,
+                 exclude: np.ndarray | None) -> np.ndarray:
+    """`select_pairs` under the default method's posterior from the user's (n, 2, H) labelled head scores."""
+    (belief,) = posteriors(scores[None, :, 0], scores[None, :, 1], heads.default_weights, pool_gaps=[gaps],
+                           center=heads.hyperprior_center)
+    return select_pairs(gaps, belief, k, method, exclude=exclude)
+
+
 def pair_key(prompt: Prompt, chosen: str, rejected: str) -> str:
     return hashlib.sha1(json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()
 
@@ -198,6 +221,7 @@ class ScoringService:
         self._purged_at = time.monotonic()
         self._verifying: dict[str, asyncio.Future[data.Caller]] = {}  # sha256(token) → its one verification
         self.pair_scores: LruCache[tuple[str, str], np.ndarray] = LruCache(settings.pair_cache_size)  # (2, H)
+        self.pools: LruCache[int, np.ndarray] = LruCache(POOLS_CACHED)  # a pool's gaps by id (pools never change)
         self.served: ServedHeads | None = None
         self.database_ok = True
         self._user_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -491,12 +515,13 @@ class ScoringService:
         """
         self.authorize(caller, "feedback", user)
         served = self.heads()
-        pairs = [FeedbackPair(p.conversation, p.chosen, p.rejected, p.source) for p in request.pairs]
+        pairs = [FeedbackPair(p.conversation, p.chosen, p.rejected, p.source, p.query_id) for p in request.pairs]
         for i, pair in enumerate(pairs):  # the store's own limits (RP_MAX_* included), before any forward pass
             try:
                 store.check_feedback_pair(pair, self.limits)
             except store.InvalidInput as exc:
                 raise ApiError(422, str(exc), [f"pairs[{i}]"]) from None
+        await self._check_query_ids(pairs)
         started = time.perf_counter()
         lock = self._user_locks.setdefault(user, asyncio.Lock())
         try:  # this replica's writers for one user queue here rather than conflict in the database, within the
@@ -576,6 +601,92 @@ class ScoringService:
                 known[key] = np.stack([result.head_scores[i], result.head_scores[len(todo) + i]])
                 self.pair_scores.put((digest, key), known[key])
         return known
+
+    # ------------------------------------------------------------------------------------------ queries
+
+    async def queries(self, caller: data.Caller, user: str, request: schemas.QueryRequest) -> schemas.QueryResponse:
+        """The k pairs this user should label next (`rewardprism.select`), from a pool registered with the served
+        head set or among the responses sent for one prompt.
+
+        The posterior is the default method's over all of the user's feedback (a user with none starts from the
+        population profile); pool pairs the user already answered (feedback citing their query ids) are not asked
+        again. Nothing is written: a query id is a name for the pair, checked when feedback cites it.
+        """
+        self.authorize(caller, "feedback", user)
+        served = self.heads()
+        state = await self.read(self._query_state, user, served, request.pool)
+        history = [FeedbackPair(*pair) for pair in state.history]
+        known = await self._pair_scores(served, history, reject=False)
+        scores = np.array([known[pair_key(p.prompt, p.chosen, p.rejected)] for p in history]).reshape(
+            len(history), 2, served.heads.num_heads)
+        exclude = None
+        if state.pool_id is not None:
+            gaps = self.pools.get(state.pool_id)
+            if gaps is None:
+                gaps = await self.read(lambda session: store.pool_gaps(session, state.pool_id, served.heads.num_heads))
+                self.pools.put(state.pool_id, gaps)
+            exclude = np.zeros(len(gaps), bool)
+            exclude[sorted(state.answered)] = True
+        else:
+            items = [(request.conversation, r) for r in request.responses]
+            result = await self.embed(served.ref, ScoreJob(items, served.heads.default_weights, 0.0,
+                                                           self.settings.over_length == "reject"))
+            if result.scores is None:
+                raise over_length_error([f"responses[{i}]" for i in result.over_length], served.heads)
+            index, gaps = response_pairs(result.head_scores)
+        left = len(gaps) - (0 if exclude is None else int(exclude.sum()))
+        if request.k > left:
+            raise ApiError(422, f"k={request.k} but only {left} pairs are left to ask", ["k"])
+        picks = await asyncio.to_thread(choose_pairs, served.heads, scores, gaps, request.k, request.method, exclude)
+        if state.pool_id is None:
+            prompt = request.conversation
+            queries = [schemas.Query(query_id=response_query_id(prompt, request.responses[a], request.responses[b]),
+                                     prompt=prompt, a=request.responses[a], b=request.responses[b], responses=[a, b])
+                       for a, b in index[picks].tolist()]
+        else:
+            rows = await self.read(lambda session: {
+                position: (row.prompt, row.response_a, row.response_b)
+                for position, row in store.pool_pairs(session, state.pool_id, picks).items()})
+            queries = [schemas.Query(query_id=store.pool_query_id(state.pool_id, int(i)), prompt=rows[int(i)][0],
+                                     a=rows[int(i)][1], b=rows[int(i)][2]) for i in picks]
+        return schemas.QueryResponse(user_id=user, queries=queries, method=request.method, labelled=len(history),
+                                     candidates=len(gaps), head_set=served.label)
+
+    def _query_state(self, session: Session, user: str, served: ServedHeads, pool: str | None) -> QueryState:
+        """The user's feedback (none for a user not seen yet) and, with a pool, its id and the positions answered."""
+        if store.was_deleted(session, user):
+            raise store.UserDeleted(f"user {user!r} was deleted")
+        row = session.scalar(sa.select(store.User).where(store.User.external_id == user))
+        if row is not None and row.disabled:
+            raise store.UserDisabled(f"user {user!r} is disabled")
+        history = [] if row is None else [(f.prompt, f.chosen, f.rejected) for f in store.feedback_of(session, row)]
+        if pool is None:
+            return QueryState(history, None, set())
+        found = store.get_query_pool(session, session.get(store.HeadSetRow, served.row_id), pool)
+        return QueryState(history, found.id, store.answered_positions(session, row, found.id))
+
+    async def _check_query_ids(self, pairs: Sequence[FeedbackPair]) -> None:
+        """Every cited query id must name its pair: a response query its hash, a pool query the stored pair."""
+        cited = {}
+        for i, pair in enumerate(pairs):
+            if pair.query_id is None:
+                continue
+            if pair.query_id.startswith("resp:"):
+                if pair.query_id != response_query_id(pair.prompt, pair.chosen, pair.rejected):
+                    raise ApiError(422, "query_id does not name this prompt and these two responses",
+                                   [f"pairs[{i}].query_id"])
+            else:
+                cited[i] = tuple(int(part) for part in pair.query_id.split(":")[1:])
+        if not cited:
+            return
+        stored = await self.read(lambda session: {
+            i: (row.prompt, {row.response_a, row.response_b}) if row is not None else None
+            for i, (pool_id, position) in cited.items()
+            for row in [store.pool_pairs(session, pool_id, [position]).get(position)]})
+        for i, found in stored.items():
+            if found is None or found != (pairs[i].prompt, {pairs[i].chosen, pairs[i].rejected}):
+                raise ApiError(422, "query_id does not name a pool pair with this prompt and these two responses",
+                               [f"pairs[{i}].query_id"])
 
     # ------------------------------------------------------------------------------------------ profiles
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = {
     "rewardprism", "rewardprism.bounds", "rewardprism.config", "rewardprism.data", "rewardprism.sources",
     "rewardprism.synthetic", "rewardprism.backbone", "rewardprism.features", "rewardprism.embed", "rewardprism.heads",
-    "rewardprism.drm", "rewardprism.adapt",
+    "rewardprism.drm", "rewardprism.adapt", "rewardprism.select",
     "rewardprism.protocol", "rewardprism.calibrate", "rewardprism.evaluate", "rewardprism.vrm",
     "rewardprism.scoring", "rewardprism.train_data", "rewardprism.train_eval", "rewardprism.migrate_profiles",
 }

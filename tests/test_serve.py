@@ -238,6 +238,106 @@ def test_concurrent_feedback_for_one_user_stores_every_pair_with_consistent_vers
     assert (version, n_pairs) == (clients, clients)
 
 
+# ---------------------------------------------------------------------------------------------- queries
+
+
+def expected_picks(backbone, heads: HeadSet, labelled: list[dict], gaps: np.ndarray, k: int,
+                   exclude=None) -> list[int]:
+    """The pairs the library chooses for a user with these labelled pairs (recomputed here, never copied)."""
+    from serve_apps.service import choose_pairs
+
+    scores = np.array([[expected_head_scores(backbone, heads, p["prompt"], [p[side]])[0] for side in
+                        ("chosen", "rejected")] for p in labelled]).reshape(len(labelled), 2, heads.num_heads)
+    return choose_pairs(heads, scores, gaps, k, "information", exclude).tolist()
+
+
+def test_queries_among_sent_responses_and_feedback_citing_them(service, backbone, db):
+    from rewardprism.select import response_pairs
+
+    user, heads = f"q-{uuid.uuid4().hex[:6]}", service.heads
+    prompt = "which reply is better?"
+    responses = ["a careful, kind answer", "rude", "a long answer that rambles on", "yes", "no thanks"]
+    index, gaps = response_pairs(expected_head_scores(backbone, heads, prompt, responses))
+    with service.client(service.keys.client) as http:
+        first = http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": responses, "k": 3})
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert (body["labelled"], body["candidates"], body["method"]) == (0, 10, "information")
+        asked = [tuple(q["responses"]) for q in body["queries"]]
+        assert asked == [tuple(index[i]) for i in expected_picks(backbone, heads, [], gaps, 3)]
+        assert all(q["a"] == responses[q["responses"][0]] and q["b"] == responses[q["responses"][1]]
+                   for q in body["queries"])
+        query = body["queries"][0]
+        answer = {"prompt": prompt, "chosen": query["b"], "rejected": query["a"], "query_id": query["query_id"]}
+        stored = http.post(f"/v1/users/{user}/feedback", json={"pairs": [answer]})
+        assert stored.status_code == 200, stored.text
+        other = body["queries"][1]
+        wrong = {**answer, "query_id": other["query_id"]}  # cites a question about another pair
+        refused = http.post(f"/v1/users/{user}/feedback", json={"pairs": [wrong]})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "pairs", 0, "query_id"]
+        second = http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": responses, "k": 2}).json()
+        labelled = [{"prompt": prompt, "chosen": query["b"], "rejected": query["a"]}]
+        assert second["labelled"] == 1
+        assert [tuple(q["responses"]) for q in second["queries"]] == \
+            [tuple(index[i]) for i in expected_picks(backbone, heads, labelled, gaps, 2)]
+        too_many = http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": responses, "k": 11})
+        assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "k"]
+        both = http.post(f"/v1/users/{user}/queries", json={"pool": "x", "prompt": prompt, "responses": responses})
+        assert both.status_code == 422
+        unknown = http.post(f"/v1/users/{user}/queries", json={"pool": "nope"})
+        assert unknown.status_code == 404 and "no pool named 'nope'" in unknown.text
+    with service.client(service.keys.scorer) as http:  # asking is part of the feedback loop
+        assert http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": responses}).status_code \
+            == 403
+    with db.connect() as conn:
+        cited = conn.execute(sa.text("SELECT f.query_id FROM feedback f JOIN users u ON u.id = f.user_id "
+                                     "WHERE u.external_id = :u"), {"u": user}).scalars().all()
+    assert cited == [query["query_id"]]
+
+
+def test_queries_from_a_registered_pool_skip_answered_pairs(service, backbone, tmp_path):
+    from rewardprism.cli import app
+    from rewardprism.data import PreferencePair
+    from rewardprism.embed import embed_pairs
+    from typer.testing import CliRunner
+
+    pairs = [PreferencePair(f"question {i}", f"a careful answer {i} " * (i % 4 + 1), f"rude {i}", group="g")
+             for i in range(30)]
+    embed_pairs(pairs, load_backbone("tiny-bert", device="cpu", max_length=MAX_TOKENS), tmp_path / "emb",
+                progress=False)
+    name = f"cand-{uuid.uuid4().hex[:6]}"
+    registered = CliRunner().invoke(app, ["pools", "--database-url", service.database, "register", name,
+                                          "--head-set", "default@1", "--embeddings", str(tmp_path / "emb")])
+    assert registered.exit_code == 0, registered.output
+    engine = store.make_engine(store.StoreSettings.from_env(service.database))
+    with store.make_sessions(engine)() as session:
+        pool = store.get_query_pool(session, store.get_head_set(session, "default", "1"), name)
+        pool_id, gaps = pool.id, store.pool_gaps(session, pool.id, service.heads.num_heads)
+    engine.dispose()
+    user = f"qp-{uuid.uuid4().hex[:6]}"
+    with service.client(service.keys.client) as http:
+        body = http.post(f"/v1/users/{user}/queries", json={"pool": name, "k": 4}).json()
+        positions = [int(q["query_id"].split(":")[2]) for q in body["queries"]]
+        assert body["candidates"] == 30 and positions == expected_picks(backbone, service.heads, [], gaps, 4)
+        query = body["queries"][0]
+        source = pairs[positions[0]]
+        assert {query["a"], query["b"]} == {source.chosen, source.rejected} and query["prompt"] == source.prompt
+        answer = {"prompt": source.prompt, "chosen": source.chosen, "rejected": source.rejected,
+                  "query_id": query["query_id"]}
+        assert http.post(f"/v1/users/{user}/feedback", json={"pairs": [answer]}).status_code == 200
+        again = http.post(f"/v1/users/{user}/queries", json={"pool": name, "k": 29}).json()
+        assert positions[0] not in [int(q["query_id"].split(":")[2]) for q in again["queries"]]
+        assert again["labelled"] == 1
+        spent = http.post(f"/v1/users/{user}/queries", json={"pool": name, "k": 30})
+        assert spent.status_code == 422 and "only 29 pairs are left" in spent.text
+        forged = {**answer, "query_id": f"pool:{pool_id}:{positions[1]}"}
+        assert http.post(f"/v1/users/{user}/feedback", json={"pairs": [forged]}).status_code == 422
+    with service.client(service.keys.admin) as http:
+        assert http.delete(f"/admin/users/{user}").status_code == 204
+    with service.client(service.keys.client) as http:  # a deleted user stays deleted: nothing to ask them
+        assert http.post(f"/v1/users/{user}/queries", json={"pool": name}).status_code == 410
+
+
 # ---------------------------------------------------------------------------------------------- auth
 
 

@@ -279,3 +279,27 @@ def test_a_sweep_whose_trials_all_fail_writes_their_errors_and_exits_cleanly(tmp
         sweeps.best_or_exit(lambda: sweep_drm.export_best([], None, sweep))
     assert stopped.value.exit_code == 1
     assert "no DRM-head trial at n=5 finished; see the errors in sweep.json" in capsys.readouterr().err
+
+
+def test_selection_methods_are_a_sweep_dimension_with_their_own_plot(tmp_path, embeddings):
+    """Trials that ask chosen or random pairs (no cluster: the trial function itself), and the accuracy-vs-n plot."""
+    import report
+
+    sweep = load_config(sweep_drm.DrmSweep, sweep_file("drm_smoke.yaml", tmp_path, embeddings=str(embeddings),
+                                                      methods=["default", "select-information", "select-random"],
+                                                      adaptation_pairs=[2, 4], heads=[2], seeds=2), [])
+    data = sweep_drm.load_data(sweep)
+    rows = []
+    for method in ("select-information", "select-random"):
+        for n in (2, 4):
+            metrics, profiles = sweep_drm.adapt_and_score(data, 2, n, method, seeds=2)
+            groups = len(profiles["groups"])
+            assert profiles["weights"].shape == (2, groups, 4) and profiles["picks"].shape == (2, groups, n)
+            assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy"] == metrics["accuracy_reference"]
+            rows.append({"config/heads": 2, "config/pairs": n, "config/method": method, **metrics})
+    rows.append({"config/heads": 2, "config/pairs": 2, "config/method": "default", "accuracy": 0.0,
+                 "accuracy_std": 0.0, "accuracy_reference": 0.0, "trial_id": "t"})
+    meta = {"metric": "accuracy", "config": {"seeds": 2}}
+    assert_pngs([report.plot_accuracy_vs_pairs(rows, meta, "smoke", tmp_path / "accuracy_vs_pairs.png")])
+    with pytest.raises(ConfigError, match="methods"):
+        load_config(sweep_drm.DrmSweep, sweep_file("drm_smoke.yaml", tmp_path, methods=["select-random"]), [])

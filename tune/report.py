@@ -52,9 +52,12 @@ def render_report(experiment: Path, *, heads: int | None = None, pairs: int | No
     adapted = np.load(Path(match[0]["checkpoint"]) / meta["adapted"])
     label = f"{title}: k = {chosen['config/heads']}, n = {chosen['config/pairs']}, {chosen['config/method']}"
     groups, names, weights = component_weights(adapted)
-    return [plot_accuracy_vs_heads(rows, meta, title, out / "accuracy_vs_heads.png"),
-            plot_weights(groups, names, weights, label, out / "adapted_weights.png"),
-            plot_correlation(groups, weights, label, out / "weight_correlation.png")]
+    plots = [plot_accuracy_vs_heads(rows, meta, title, out / "accuracy_vs_heads.png"),
+             plot_weights(groups, names, weights, label, out / "adapted_weights.png"),
+             plot_correlation(groups, weights, label, out / "weight_correlation.png")]
+    if any(str(r.get("config/method")).startswith(SELECT_PREFIX) for r in rows):
+        plots.append(plot_accuracy_vs_pairs(rows, meta, title, out / "accuracy_vs_pairs.png"))
+    return plots
 
 
 def finish(run: RunSettings, summary: dict[str, Any]) -> None:
@@ -133,6 +136,32 @@ def plot_accuracy_vs_heads(rows: list[dict[str, Any]], meta: dict[str, Any], tit
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(methods) + 1, fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     return save(fig, path, layout=False)
+
+
+SELECT_PREFIX = "select-"  # sweep_drm's selection methods: which pairs each simulated user is asked
+
+
+def plot_accuracy_vs_pairs(rows: list[dict[str, Any]], meta: dict[str, Any], title: str, path: Path) -> Path:
+    """Accuracy vs the number of pairs asked, one line per selection method (chosen vs random), at each method's
+    largest k: how many random labels the chosen ones are worth."""
+    metric = meta["metric"]
+    rows = [r for r in rows if r.get(metric) is not None and str(r["config/method"]).startswith(SELECT_PREFIX)]
+    k = max(r["config/heads"] for r in rows)
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for method in sorted({r["config/method"] for r in rows}):
+        line = sorted((r for r in rows if r["config/method"] == method and r["config/heads"] == k),
+                      key=lambda r: r["config/pairs"])
+        n = np.array([r["config/pairs"] for r in line])
+        mean, std = np.array([r[metric] for r in line]), np.array([r[f"{metric}_std"] for r in line])
+        ax.plot(n, mean, "o-", ms=3, label=method.removeprefix(SELECT_PREFIX))
+        ax.fill_between(n, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("pairs asked per user n")
+    ax.set_ylabel("held-out accuracy (honest), mean over groups")
+    ax.set_title(f"{title}: chosen vs random pairs (k = {k}, ± std over {meta['config']['seeds']} seeds)",
+                 fontsize=9, wrap=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
 
 
 def component_weights(adapted: Any) -> tuple[list[str], list[str], np.ndarray]:

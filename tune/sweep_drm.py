@@ -10,6 +10,10 @@ head set with k heads keeps its first k components (the top k eigenvectors of th
 its top K) and is built and calibrated once, as `rewardprism decompose` ships one
 (`rewardprism.calibrate.fit_head_set`), so a trial costs a matrix product and an adaptation.
 
+Methods `select-information` / `select-uncertainty` / `select-random` compare asking each simulated user
+chosen pairs with asking random ones (`rewardprism.select`), on the same pools and held-out pairs; the plots then
+add accuracy vs n for them.
+
 Each trial (k, n, method) runs the paper's protocol as `rewardprism.protocol.evaluate_adaptation` states it:
 per group of the test split and per seed, n of the group's pairs are labelled, a profile is adapted, and the
 group's pairs are scored — the honest accuracy leaves the n out, the reference's keeps them. Methods are those
@@ -55,7 +59,10 @@ from sweeps import (
 )
 
 RANDOM = {"random-uniform": "uniform", "random-gaussian": "gaussian"}  # baseline → `random_heads` distribution
-METHODS = ("hyre", "bt", "default", *RANDOM)
+# Which pairs a user is asked (`rewardprism.select.evaluate_selection`: per seed, half of each group's pairs are
+# the pool to ask from, the rest are scored; the default method adapts): chosen vs random at every n.
+SELECTION = {"select-information": "information", "select-uncertainty": "uncertainty", "select-random": "random"}
+METHODS = ("hyre", "bt", "default", *RANDOM, *SELECTION)
 ADAPTED = "adapted.npz"  # in each trial's checkpoint: the adapted profiles and the pairs they were adapted from
 Overrides = overrides("seeds=5")
 METRIC = "accuracy"  # honest: the adaptation pairs are not scored
@@ -82,7 +89,7 @@ class DrmSweep:
         unknown = sorted(set(self.methods) - set(METHODS))
         if not self.methods or unknown:
             raise ConfigError("methods", f"unknown {unknown}; choose from {', '.join(METHODS)}")
-        if not set(self.methods) - set(RANDOM):
+        if not set(self.methods) - set(RANDOM) - set(SELECTION):
             raise ConfigError("methods", "needs hyre, bt or default: the best head set is chosen among DRM heads")
         if self.seeds < 1:
             raise ConfigError("seeds", f"must be a positive integer, got {self.seeds}")
@@ -157,6 +164,7 @@ def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) ->
     """
     from rewardprism.evaluate import random_heads
     from rewardprism.protocol import evaluate_adaptation
+    from rewardprism.select import evaluate_selection
 
     head_set = data.head_sets[k]
     names = head_set.head_names
@@ -165,8 +173,13 @@ def adapt_and_score(data: SweepData, k: int, n: int, method: str, seeds: int) ->
         names = [f"random{i}" for i in range(head_set.num_heads)]
     else:
         test, adapter = data.split.scored(head_set), method
-    result = evaluate_adaptation(test, n, method=adapter, prior=head_set.default_weights.astype(np.float64),
-                                 seeds=range(seeds), center=head_set.hyperprior_center)
+    prior = head_set.default_weights.astype(np.float64)
+    if method in SELECTION:
+        result = evaluate_selection(test, n, method=SELECTION[method], prior=prior, seeds=range(seeds),
+                                    center=head_set.hyperprior_center)
+    else:
+        result = evaluate_adaptation(test, n, method=adapter, prior=prior, seeds=range(seeds),
+                                     center=head_set.hyperprior_center)
     weights = np.stack([result.profiles[g] for g in result.groups], axis=1)  # (S, G, H)
     honest, reference = result.summary(honest=True), result.summary()
     metrics = {METRIC: honest["overall"][0], f"{METRIC}_std": honest["overall"][1],
@@ -191,9 +204,10 @@ def run_trial(params: dict[str, Any], data: SweepData, seeds: int) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 def export_best(rows: list[dict[str, Any]], data: SweepData, sweep: DrmSweep) -> dict[str, Any]:
-    """The best k and method at n = select_pairs, among the DRM heads (a random head set is not a product)."""
+    """The best k and method at n = select_pairs, among the DRM heads (a random head set is not a product) and
+the adaptation methods (a selection trial says which pairs to ask, not how to adapt)."""
     candidates = [r for r in rows if r.get(METRIC) is not None and r["config/pairs"] == sweep.select_pairs
-                  and r["config/method"] not in RANDOM]
+                  and r["config/method"] not in RANDOM and r["config/method"] not in SELECTION]
     if not candidates:
         raise NoTrialFinished(f"no DRM-head trial at n={sweep.select_pairs} finished; see the errors in sweep.json")
     row = max(candidates, key=lambda r: r[METRIC])

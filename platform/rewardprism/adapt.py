@@ -223,8 +223,15 @@ def _prior_precision(x: torch.Tensor, m: torch.Tensor, strength: float) -> torch
     """(U, 1) strength × mean squared score gap of each user's real pairs (gap 1 where all gaps are 0)."""
     if not strength > 0:
         raise ValueError(f"strength must be positive, got {strength}")
-    scale = (x ** 2).sum((1, 2)) / (m.sum(1) * x.shape[2])  # (U,) padding is zero
-    return (strength * torch.where(scale > 0, scale, torch.ones_like(scale)))[:, None]
+    return strength * torch.from_numpy(gap_scale(x.numpy(), m.numpy()))[:, None]
+
+
+def gap_scale(gaps: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(U,) mean squared score gap of each user's real pairs, gaps (U, n, H) with padding zero (1 where all are 0):
+    the unit of prior precision, so that rescaling every head changes no ranking."""
+    count = gaps.shape[1] if mask is None else mask.sum(1)
+    scale = (gaps ** 2).sum((1, 2)) / (count * gaps.shape[2])
+    return np.where(scale > 0, scale, 1.0)
 
 
 def _objective(x: torch.Tensor, m: torch.Tensor, w0: torch.Tensor, l2: torch.Tensor,
@@ -319,13 +326,18 @@ def strength_ladder(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray |
 def mix_ladder(ladder: tuple[np.ndarray, np.ndarray, np.ndarray], center: float = DEFAULT_STRENGTH,
                spread: float = 1.0) -> np.ndarray:
     """(U, H) weights: the ladder's profiles averaged by evidence × the log-normal hyperprior."""
+    weights, evidence, strengths = ladder
+    return np.einsum("ug,ugh->uh", strength_posterior(evidence, strengths, center, spread), weights)
+
+
+def strength_posterior(evidence: np.ndarray, strengths: np.ndarray, center: float = DEFAULT_STRENGTH,
+                       spread: float = 1.0) -> np.ndarray:
+    """(U, G) posterior probability of each ladder strength: its evidence × the log-normal hyperprior."""
     if not (center > 0 and spread > 0):
         raise ValueError(f"center and spread must be positive, got {center}, {spread}")
-    weights, evidence, strengths = ladder
     logits = evidence - 0.5 * ((np.log10(strengths) - np.log10(center)) / spread) ** 2  # (U, G)
     posterior = np.exp(logits - logits.max(1, keepdims=True))
-    posterior /= posterior.sum(1, keepdims=True)
-    return np.einsum("ug,ugh->uh", posterior, weights)
+    return posterior / posterior.sum(1, keepdims=True)
 
 
 def prior_strength_evidence(chosen: np.ndarray, rejected: np.ndarray, mask: np.ndarray | None = None, *,

@@ -84,19 +84,52 @@ def decompose(
 
 def adapt(
     heads: Annotated[Path, typer.Option(help="head set folder")],
-    embeddings: Annotated[Path, typer.Option(help="embedding folder of the user's labelled pairs")],
-    out: Annotated[Path, typer.Option(help="profile JSON to write")],
+    out: Annotated[Path, typer.Option(help="profile JSON to write (with --select: the pairs to ask, JSON)")],
+    embeddings: Annotated[Path | None, typer.Option(help="embedding folder of the user's labelled pairs "
+                                                         "(optional with --select: a new user has none)")] = None,
     method: Annotated[str, typer.Option(help="default, hyre or bt")] = "default",
     group: Annotated[str | None, typer.Option(help="use only this group's pairs")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="use only the first N pairs")] = None,
+    select: Annotated[int | None, typer.Option(min=1, help="instead of a profile, choose the K pairs of --pool "
+                                                           "this user should label next")] = None,
+    pool: Annotated[Path | None, typer.Option(help="embedding folder of candidate pairs (labels unused)")] = None,
+    select_method: Annotated[str, typer.Option(help="information, uncertainty or random")] = "information",
 ) -> None:
-    """A user's profile (weights over the heads, bias) from their labelled pairs, starting at the population."""
+    """A user's profile (weights over the heads, bias) from their labelled pairs, starting at the population;
+    with --select K, the K pairs of --pool whose labels would teach that profile the most."""
     from rewardprism.adapt import METHODS, adapt_profile
-    from rewardprism.data import groups_of
 
     if method not in METHODS:
         fail(f"--method: unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if (select is None) != (pool is None):
+        fail("--select and --pool go together: --select K chooses K pairs of the --pool folder")
     head_set = _head_set(heads)
+    if embeddings is None and select is None:
+        fail("--embeddings: required (the user's labelled pairs), unless --select chooses pairs to ask")
+    chosen, rejected = (np.zeros((0, head_set.num_heads)),) * 2
+    if embeddings is not None:
+        chosen, rejected = _labelled_scores(head_set, embeddings, group, limit)
+    if select is not None:
+        return _select(head_set, chosen, rejected, pool, select, select_method, out)
+    try:
+        weights, bias = adapt_profile(chosen, rejected, head_set.default_weights, method=method,
+                                      center=head_set.hyperprior_center)
+    except ValueError as exc:
+        fail(f"--embeddings: {exc}")
+    profile = {"head_set": head_set.content_hash, "method": method, "pairs": len(chosen),
+               "weights": weights.tolist(), "bias": bias}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile))
+    top = np.argsort(-np.abs(weights))[:5]
+    typer.echo(json.dumps({"out": str(out), "pairs": len(chosen), "method": method,
+                           "top_heads": {head_set.head_names[i]: round(float(weights[i]), 4) for i in top}}, indent=1))
+
+
+def _labelled_scores(head_set, embeddings: Path, group: str | None,
+                     limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Head scores (n, H) of the user's chosen and rejected responses: the folder's pairs, of `group`, first `limit`."""
+    from rewardprism.data import groups_of
+
     data = _embeddings(embeddings, "--embeddings")
     _check_features(head_set, data)
     chosen, rejected = data.load()
@@ -106,18 +139,36 @@ def adapt(
         if not keep.any():
             fail(f"--group: no pairs in group {group!r}")
     idx = np.flatnonzero(keep)[:limit]
+    return head_set.scores(chosen[idx]), head_set.scores(rejected[idx])
+
+
+def _select(head_set, chosen: np.ndarray, rejected: np.ndarray, pool: Path, k: int, method: str, out: Path) -> None:
+    """Write the k pairs of `pool` to ask next (prompt and both responses, as a user would label them)."""
+    from rewardprism.select import SELECT_METHODS, posteriors, select_pairs
+
+    if method not in SELECT_METHODS:
+        fail(f"--select-method: unknown method {method!r}; use one of {', '.join(SELECT_METHODS)}")
+    data = _embeddings(pool, "--pool")
+    _check_features(head_set, data, "--pool")
+    pool_chosen, pool_rejected = data.load()
+    gaps = head_set.scores(pool_chosen) - head_set.scores(pool_rejected)
+    if k > len(gaps):
+        fail(f"--select: the pool has {len(gaps)} pairs, fewer than {k}")
     try:
-        weights, bias = adapt_profile(head_set.scores(chosen[idx]), head_set.scores(rejected[idx]),
-                                      head_set.default_weights, method=method, center=head_set.hyperprior_center)
+        (belief,) = posteriors(chosen[None], rejected[None], head_set.default_weights, pool_gaps=[gaps],
+                               center=head_set.hyperprior_center)
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
-    profile = {"head_set": head_set.content_hash, "method": method, "pairs": len(idx),
-               "weights": weights.tolist(), "bias": bias}
+    picks = select_pairs(gaps, belief, k, method, seed=0)
+    pairs = _pairs(data, "--pool")
+    flips = np.random.default_rng(0).random(len(picks)) < 0.5  # the pool's labels must not show in the order
+    asked = [{"pool_index": int(i), "prompt": pairs[i].prompt,
+              "a": pairs[i].rejected if flip else pairs[i].chosen, "b": pairs[i].chosen if flip else pairs[i].rejected}
+             for i, flip in zip(picks, flips)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(profile))
-    top = np.argsort(-np.abs(weights))[:5]
-    typer.echo(json.dumps({"out": str(out), "pairs": len(idx), "method": method,
-                           "top_heads": {head_set.head_names[i]: round(float(weights[i]), 4) for i in top}}, indent=1))
+    out.write_text(json.dumps(asked, indent=1))
+    typer.echo(json.dumps({"out": str(out), "asked": len(asked), "method": method, "labelled": len(chosen),
+                           "pool": len(gaps)}))
 
 
 def evaluate(
@@ -136,6 +187,9 @@ def evaluate(
     split_seed: Annotated[int | None, typer.Option(help="seed of the split by prompt, for a head set that "
                                                         "records no split (default 0)")] = None,
     out: Annotated[Path | None, typer.Option(help="write the markdown tables here (and the data as .json)")] = None,
+    select: Annotated[str | None, typer.Option(help="also ask each simulated user n pairs chosen by this method "
+                                                    "(information or uncertainty) next to n random ones")] = None,
+    select_batch: Annotated[int, typer.Option(min=2, help="pairs per query in the batched selection rows")] = 5,
 ) -> None:
     """The DRM paper's protocol: per group, n labelled pairs × seeds, mean (std) accuracy, baselines.
 
@@ -144,6 +198,7 @@ def evaluate(
     """
     from rewardprism.adapt import METHODS
     from rewardprism.evaluate import Split, drm_report, to_markdown
+    from rewardprism.select import SELECT_METHODS
 
     n_values = n or [5, 15, 50]
     chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -152,6 +207,8 @@ def evaluate(
         fail(f"--methods: unknown {bad or methods!r}; use a comma-separated subset of {', '.join(METHODS)}")
     if min(n_values) < 1:
         fail(f"--n: must be at least 1, got {min(n_values)}")
+    if select is not None and select not in SELECT_METHODS[:-1]:
+        fail(f"--select: unknown method {select!r}; use one of {', '.join(SELECT_METHODS[:-1])}")
     head_set = _head_set(heads)
     recorded = head_set.info.get("split")
     for option, value, key in (("--test-fraction", test_fraction, "test_fraction"),
@@ -179,15 +236,28 @@ def evaluate(
     try:
         report = drm_report(splits[0], head_set, n_values=n_values, methods=chosen_methods, seeds=range(seeds),
                             adapt_from=splits[1] if adapt_from else None, use_prior=prior, baselines=baselines)
+        if select is not None:
+            report["selection"] = _selection(splits[0], head_set, n_values, select, seeds, select_batch)
     except ValueError as exc:
         fail(str(exc))
     report["held_out"] = {"record": recorded, "test_pairs": len(splits[0].test), "folder_pairs": len(splits[0].pairs)}
     markdown = to_markdown(report)
+    if select is not None:
+        from rewardprism.select import selection_markdown
+        markdown += "\n" + selection_markdown(report["selection"])
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(markdown)
         out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     typer.echo(markdown)
+
+
+def _selection(split, head_set, n_values: list[int], method: str, seeds: int, batch: int) -> dict:
+    from rewardprism.select import selection_report
+
+    return selection_report(split.scored(head_set), head_set.default_weights.astype(np.float64),
+                            center=head_set.hyperprior_center, n_values=n_values, method=method,
+                            seeds=range(seeds), batch=batch)
 
 
 def _embeddings(path: Path, option: str):

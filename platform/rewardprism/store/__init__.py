@@ -10,9 +10,8 @@ feedback and update the profile" commits or rolls back as one; `commit_with_retr
 commits. Every write validates its input first (`checks`) and raises a StoreError subclass before touching the
 database, so bad input leaves nothing behind. One module per kind of record: `users`, `profiles` (one per user
 and head-set version, and feedback), `head_sets`, `keys`, `audit`, `revocation` (the auth epoch, tombstones),
-`idempotency`, and `export` across them; `rollout` migrates profiles onto a new version. Schema changes go
-through Alembic
-(`rewardprism db upgrade`).
+`idempotency`, `pools` (pairs to ask users about), and `export` across them; `rollout` migrates profiles onto
+a new version. Schema changes go through Alembic (`rewardprism db upgrade`).
 """
 from rewardprism.store.audit import record_audit
 from rewardprism.store.config import DEFAULT_URL, Limits, StoreSettings, missing_sqlite_file, safe_url
@@ -53,7 +52,18 @@ from rewardprism.store.models import (
     HeadSetRow,
     IdempotentAnswer,
     ProfileRow,
+    QueryPool,
+    QueryPoolPair,
     User,
+)
+from rewardprism.store.pools import (
+    answered_positions,
+    get_query_pool,
+    list_query_pools,
+    pool_gaps,
+    pool_pairs,
+    pool_query_id,
+    register_query_pool,
 )
 from rewardprism.store.profiles import (
     Adapter,
@@ -61,6 +71,7 @@ from rewardprism.store.profiles import (
     ProfileUpdate,
     append_feedback_and_update_profile,
     check_feedback_pair,
+    feedback_of,
     get_profile,
     list_feedback,
     reset_profile,
@@ -78,15 +89,16 @@ from rewardprism.store.users import (
 )
 
 __all__ = [
-    "DEFAULT_URL", "HASH_SCHEME", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES",
-    "Adapter", "AlreadyExists", "ApiKey", "AuditEntry", "AuthEpoch", "DeletedUser", "Feedback", "FeedbackPair",
-    "HeadSetRow", "IdempotentAnswer", "IdempotentRequest", "InvalidApiKey", "InvalidInput", "Limits", "MissingScope",
-    "NotFound", "Page", "ProfileRow",
-    "ProfileConflict", "ProfileUpdate", "StoreError", "StoreSettings", "User", "UserDeleted", "UserDisabled",
-    "activate_head_set", "append_feedback_and_update_profile", "auth_epoch", "check_feedback_pair", "commit_with_retry",
-    "create_api_key", "create_user", "delete_user", "export_user", "get_head_set", "get_or_create_user", "get_profile",
-    "get_user", "import_user", "list_api_keys", "list_feedback", "list_head_sets", "list_users", "lock_active_key",
-    "make_engine", "make_sessions", "missing_sqlite_file", "record_audit", "register_head_set", "reset_profile",
-    "revoke_api_key", "safe_url", "save_profile", "set_user_disabled", "upgrade_api_key_hash", "verify_api_key",
-    "was_deleted",
+    "DEFAULT_URL", "HASH_SCHEME", "KINDS", "POPULATION_METHOD", "PROFILE_METHODS", "SCOPES", "Adapter",
+    "AlreadyExists", "ApiKey", "AuditEntry", "AuthEpoch", "DeletedUser", "Feedback", "FeedbackPair", "HeadSetRow",
+    "IdempotentAnswer", "IdempotentRequest", "InvalidApiKey", "InvalidInput", "Limits", "MissingScope", "NotFound",
+    "Page", "ProfileConflict", "ProfileRow", "ProfileUpdate", "QueryPool", "QueryPoolPair", "StoreError",
+    "StoreSettings", "User", "UserDeleted", "UserDisabled", "activate_head_set", "answered_positions",
+    "append_feedback_and_update_profile", "auth_epoch", "check_feedback_pair", "commit_with_retry", "create_api_key",
+    "create_user", "delete_user", "export_user", "feedback_of", "get_head_set", "get_or_create_user", "get_profile",
+    "get_query_pool", "get_user", "import_user", "list_api_keys", "list_feedback", "list_head_sets",
+    "list_query_pools", "list_users", "lock_active_key", "make_engine", "make_sessions", "missing_sqlite_file",
+    "pool_gaps", "pool_pairs", "pool_query_id", "record_audit", "register_head_set", "register_query_pool",
+    "reset_profile", "revoke_api_key", "safe_url", "save_profile", "set_user_disabled", "upgrade_api_key_hash",
+    "verify_api_key", "was_deleted",
 ]

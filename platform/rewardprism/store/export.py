@@ -49,7 +49,7 @@ def export_user(session: Session, external_id: str) -> dict[str, Any]:
         },
         "feedback": [
             {"prompt": f.prompt, "chosen": f.chosen, "rejected": f.rejected, "source": f.source,
-             "created_at": f.created_at.isoformat()}
+             "query_id": f.query_id, "created_at": f.created_at.isoformat()}
             for f in feedback_of(session, user)
         ],
     }
@@ -108,7 +108,8 @@ def _import_feedback(session: Session, user_id: int, feedback: list[Any], start:
         if not isinstance(f, Mapping):
             raise InvalidInput(f"feedback[{i}] must be an object")
         try:
-            row = feedback_row(FeedbackPair(f["prompt"], f["chosen"], f["rejected"], f["source"]), limits)
+            row = feedback_row(FeedbackPair(f["prompt"], f["chosen"], f["rejected"], f["source"],
+                                            f.get("query_id")), limits)  # exports before 0004 have none
         except InvalidInput as exc:
             raise InvalidInput(f"feedback[{i}]: {exc}") from None
         row.created_at = _timestamp(f["created_at"], f"feedback[{i}].created_at")

@@ -23,6 +23,7 @@ HEAD_SET_NAME_MAX = 128
 VERSION_MAX = 64
 SOURCE_MAX = 64
 URI_MAX = 1024
+QUERY_ID_MAX = 64
 
 # How a profile's weights were obtained: stored values of `profiles.method`, not rewardprism.adapt's method names
 # (adapt's `default`, the hierarchical Bradley-Terry, is stored as "shrink"). The stored "default" means the head
@@ -194,7 +195,39 @@ class Feedback(Base):
     chosen: Mapped[str] = mapped_column(sa.Text)
     rejected: Mapped[str] = mapped_column(sa.Text)
     source: Mapped[str] = mapped_column(sa.String(SOURCE_MAX))
+    # the question this label answers (`POST /v1/users/{id}/queries`), when the client cites it
+    query_id: Mapped[str | None] = mapped_column(sa.String(QUERY_ID_MAX), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class QueryPool(Base):
+    """Candidate pairs to ask users about, registered with one head-set version, with their head scores.
+
+    `gaps` holds the pairs' head-score differences s(a) − s(b) as float32 (size, num_heads), little-endian: a
+    query then costs no forward pass. The texts are in `QueryPoolPair`, read only for the pairs a query returns.
+    """
+
+    __tablename__ = "query_pools"
+    __table_args__ = (sa.UniqueConstraint("head_set_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    head_set_id: Mapped[int] = mapped_column(sa.ForeignKey("head_sets.id", ondelete="RESTRICT"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(HEAD_SET_NAME_MAX))
+    size: Mapped[int] = mapped_column()
+    gaps: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class QueryPoolPair(Base):
+    """One candidate pair of a pool: a prompt and two responses, in an order that carries no label."""
+
+    __tablename__ = "query_pool_pairs"
+
+    pool_id: Mapped[int] = mapped_column(sa.ForeignKey("query_pools.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(primary_key=True)
+    prompt: Mapped[str | list[dict[str, str]]] = mapped_column(JSONDoc)
+    response_a: Mapped[str] = mapped_column(sa.Text)
+    response_b: Mapped[str] = mapped_column(sa.Text)
 
 
 HASH_SCHEMES = ("sha256", "scrypt")  # how api_keys.key_hash was made: new keys sha256, keys from before 0002 scrypt

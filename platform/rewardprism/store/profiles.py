@@ -16,6 +16,7 @@ from rewardprism.store.errors import InvalidInput, ProfileConflict, UserDisabled
 from rewardprism.store.models import (
     POPULATION_METHOD,
     PROFILE_METHODS,
+    QUERY_ID_MAX,
     SOURCE_MAX,
     Feedback,
     HeadSetRow,
@@ -33,6 +34,7 @@ class FeedbackPair:
     chosen: str
     rejected: str
     source: str = "api"
+    query_id: str | None = None  # the query it answers, when the client cites one (checked by the service)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def feedback_row(pair: FeedbackPair, limits: Limits) -> Feedback:
         chosen=checks.text(pair.chosen, "chosen", limits.max_text_chars),
         rejected=checks.text(pair.rejected, "rejected", limits.max_text_chars),
         source=checks.text(pair.source, "source", SOURCE_MAX, empty_ok=False),
+        query_id=None if pair.query_id is None else checks.text(pair.query_id, "query_id", QUERY_ID_MAX,
+                                                                empty_ok=False),
     )
 
 
