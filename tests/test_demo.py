@@ -1,6 +1,6 @@
 """`make demo`, the main job, end to end on the embedded default in a reduced form (10 held-out pairs per user
 instead of 300): its own local Ray, Ray Data embedding with MiniLM, DRM head set, SQLite store, the Serve app
-over HTTP, feedback from four simulated users, and their scores."""
+over HTTP, feedback from four simulated users, the three who differ asked pairs by the service, and their scores."""
 from __future__ import annotations
 
 import re
@@ -29,19 +29,27 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
     assert "embedding: 100%" in proc.stderr  # its own bar
     for step in ("[1]", "[2] embedded 800 pairs", "[3] store: sqlite", "[4] each user sends 15 labelled pairs",
                  "[5] scores for", "held-out accuracy on 10 new pairs per user",
-                 "[6] a new head set", f"migrated {len(DEFAULT_USERS)} users ({15 * len(DEFAULT_USERS)} pairs)",
-                 "personalized rankings on demo@2 vs demo@1"):
+                 "[6] the users who differ from the majority, as new users asked 5 pairs",
+                 "[7] a new head set", "migrated 7 users (75 pairs)", "personalized rankings on demo@2 vs demo@1"):
         assert step in out, out
     rows = dict(re.findall(r"^\s+(\w+)\s+personalized (\d\.\d\d)\s+population \d\.\d\d$", out, re.MULTILINE))
     assert set(rows) == {u.name for u in DEFAULT_USERS}, out
+    asked = re.findall(r"^\s+(\w+)\s+5 asked pairs (\d\.\d\d)\s+15 random pairs (\d\.\d\d)$", out, re.MULTILINE)
+    assert [name for name, *_ in asked] == [u.name for u in DEFAULT_USERS[1:]], out
+    assert all(random == rows[name] for name, _, random in asked)
+    minority = {f"{u.name}-asked" for u in DEFAULT_USERS[1:]}
     with sqlite3.connect(tmp_path / "rewardprism.db") as db:  # what the users' feedback left in the store
         stored = dict(db.execute("SELECT u.external_id, COUNT(f.id) FROM users u JOIN feedback f ON f.user_id = u.id "
                                  "GROUP BY u.external_id"))
         versions = set(db.execute("SELECT u.external_id, h.version, p.version, p.n_pairs FROM users u JOIN profiles p "
                                   "ON p.user_id = u.id JOIN head_sets h ON h.id = p.head_set_id"))
-    assert stored == {u.name: 15 for u in DEFAULT_USERS}
-    # a profile over each head set, each written once from all 15 pairs
-    assert versions == {(u.name, v, 1, 15) for u in DEFAULT_USERS for v in ("1", "2")}
+        cited = set(db.execute("SELECT u.external_id, COUNT(DISTINCT f.query_id) FROM users u JOIN feedback f ON "
+                               "f.user_id = u.id WHERE f.query_id LIKE 'pool:%' GROUP BY u.external_id"))
+    assert stored == {**{u.name: 15 for u in DEFAULT_USERS}, **{name: 5 for name in minority}}
+    assert cited == {(name, 5) for name in minority}  # five different pool pairs, each answered citing its query
+    # over demo@1 a profile written once from all 15 pairs (asked users: once per answer); over demo@2 migrated
+    assert versions == ({(u.name, v, 1, 15) for u in DEFAULT_USERS for v in ("1", "2")}
+                        | {(name, "1", 5, 5) for name in minority} | {(name, "2", 1, 5) for name in minority})
 
 
 def test_a_bad_demo_config_exits_naming_the_field_before_anything_starts(tmp_path):

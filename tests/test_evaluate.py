@@ -405,7 +405,7 @@ def test_evaluate_on_another_folder_never_scores_a_training_half_prompt(tmp_path
     old.save(tmp_path / "old")
     out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "b"), "--heads", str(tmp_path / "old"),
                               "--n", "5", "--seeds", "2", "--no-baselines"])
-    assert out.exit_code == 0 and "warning: head set drm@1 records no split" in out.output
+    assert out.exit_code == 0 and f"warning: head set {heads.name}@{heads.version} records no split" in out.output
 
 
 def test_train_drm_recipe_runs_end_to_end_on_a_tiny_backbone(tmp_path):

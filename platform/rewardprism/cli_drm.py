@@ -144,14 +144,13 @@ def _labelled_scores(head_set, embeddings: Path, group: str | None,
 
 def _select(head_set, chosen: np.ndarray, rejected: np.ndarray, pool: Path, k: int, method: str, out: Path) -> None:
     """Write the k pairs of `pool` to ask next (prompt and both responses, as a user would label them)."""
-    from rewardprism.select import SELECT_METHODS, posteriors, select_pairs
+    from rewardprism.select import SELECT_METHODS, posteriors, select_pairs, unlabelled_pool
 
     if method not in SELECT_METHODS:
         fail(f"--select-method: unknown method {method!r}; use one of {', '.join(SELECT_METHODS)}")
     data = _embeddings(pool, "--pool")
     _check_features(head_set, data, "--pool")
-    pool_chosen, pool_rejected = data.load()
-    gaps = head_set.scores(pool_chosen) - head_set.scores(pool_rejected)
+    texts, gaps = unlabelled_pool(head_set, *data.load(), _pairs(data, "--pool"))
     if k > len(gaps):
         fail(f"--select: the pool has {len(gaps)} pairs, fewer than {k}")
     try:
@@ -160,11 +159,7 @@ def _select(head_set, chosen: np.ndarray, rejected: np.ndarray, pool: Path, k: i
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
     picks = select_pairs(gaps, belief, k, method, seed=0)
-    pairs = _pairs(data, "--pool")
-    flips = np.random.default_rng(0).random(len(picks)) < 0.5  # the pool's labels must not show in the order
-    asked = [{"pool_index": int(i), "prompt": pairs[i].prompt,
-              "a": pairs[i].rejected if flip else pairs[i].chosen, "b": pairs[i].chosen if flip else pairs[i].rejected}
-             for i, flip in zip(picks, flips)]
+    asked = [{"pool_index": int(i), "prompt": texts[i][0], "a": texts[i][1], "b": texts[i][2]} for i in picks]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asked, indent=1))
     typer.echo(json.dumps({"out": str(out), "asked": len(asked), "method": method, "labelled": len(chosen),

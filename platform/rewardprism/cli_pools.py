@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from rewardprism.cli_store import _audit, _connect, _fail, _table, _transaction, _when
@@ -38,6 +37,7 @@ def pools_register(
     from rewardprism.embed import EmbeddingSet
     from rewardprism.features import require_same
     from rewardprism.heads import HeadSet
+    from rewardprism.select import unlabelled_pool
 
     head_name, version = _head_set_ref(head_set)
     with _transaction(ctx) as session:
@@ -54,14 +54,10 @@ def pools_register(
         pairs = data.pairs()
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"--embeddings: {exc}")
-    chosen, rejected, pairs = chosen[:limit], rejected[:limit], pairs[:limit]
-    flip = np.random.default_rng(seed).random(len(pairs)) < 0.5  # the shown order must not give the label away
-    a_scores = heads.scores(np.where(flip[:, None], rejected, chosen))
-    b_scores = heads.scores(np.where(flip[:, None], chosen, rejected))
-    texts = [(p.prompt, p.rejected, p.chosen) if f else (p.prompt, p.chosen, p.rejected) for p, f in zip(pairs, flip)]
+    texts, gaps = unlabelled_pool(heads, chosen[:limit], rejected[:limit], pairs[:limit], seed)
     with _transaction(ctx) as session:
-        pool = register_query_pool(session, get_head_set(session, head_name, version), name, texts,
-                                   a_scores - b_scores, limits=ctx.obj.settings.limits)
+        pool = register_query_pool(session, get_head_set(session, head_name, version), name, texts, gaps,
+                                   limits=ctx.obj.settings.limits)
         _audit(ctx, session, "pools.register", f"{label}/{name}", pairs=len(texts), embeddings=str(embeddings))
         pool_id = pool.id
     typer.echo(f"registered pool {name!r} (id {pool_id}) of {label}: {len(texts)} pairs")

@@ -7,7 +7,10 @@
 4. each simulated user sends 15 labelled pairs over HTTP (`POST /v1/users/{id}/feedback`) and gets a profile;
 5. one prompt with differently styled answers is scored for every user (`POST /v1/score`), and each user's
    held-out pairs are compared (`POST /v1/compare`) with their profile and with the population's;
-6. a second head set (fewer components) is registered, every user is migrated onto it from their feedback
+6. the users who differ from the majority start again as new users, asked 5 pairs each by the service
+   (`POST /v1/users/{id}/queries`, from the population's pairs registered as a pool) instead of sending 15
+   random ones; their held-out accuracy is printed beside the 15-random profile's;
+7. a second head set (fewer components) is registered, every user is migrated onto it from their feedback
    (`POST /admin/head-sets/demo/2/migrate`, a Ray actor), it is activated, and the held-out comparison is run
    again: the users' personalized rankings survive the new model.
 
@@ -32,10 +35,11 @@ import typer
 from rewardprism.cli_common import fail, overrides
 from rewardprism.config import ConfigError, load_config
 from rewardprism.data import PreferencePair
-from rewardprism.synthetic import DEFAULT_USERS, SyntheticGenerator
+from rewardprism.synthetic import DEFAULT_USERS, SyntheticGenerator, rating_matrix
 
 N_POPULATION = 200  # pairs per simulated user for the decomposition
 N_FEEDBACK = 15  # labels a user gives
+N_ASKED = 5  # labels a user asked by the service gives (step 6)
 N_HELD_OUT = 300  # pairs per user scored afterwards: sampling noise ±3 points (40 left ±8)
 K = 16
 SHARPNESS = 10.0  # users label consistently (about 95 % agree with their own utility), so gains show
@@ -113,22 +117,36 @@ def fit_from_embeddings(workdir: Path, backbone: str, components: int, version: 
     return path
 
 
-def start_store(workdir: Path, heads_path: Path) -> tuple[str, str]:
-    """Migrate a SQLite database, register and activate the head set, create an admin key."""
+def start_store(workdir: Path, heads_path: Path) -> tuple[str, str, list[PreferencePair]]:
+    """Migrate a SQLite database, register and activate the head set with the population's pairs as a pool of
+    pairs to ask users about, create an admin key. Returns the URL, the key and the pool's pairs by position."""
+    from rewardprism.embed import EmbeddingSet
     from rewardprism.heads import HeadSet
-    from rewardprism.store import StoreSettings, create_api_key, make_engine, make_sessions, register_head_set
+    from rewardprism.select import unlabelled_pool
+    from rewardprism.store import (
+        StoreSettings,
+        create_api_key,
+        make_engine,
+        make_sessions,
+        register_head_set,
+        register_query_pool,
+    )
     from rewardprism.store.migrate import upgrade
 
     url = f"sqlite:///{(workdir / 'rewardprism.db').resolve()}"
     upgrade(url)
     heads = HeadSet.load(heads_path)
+    embeddings = EmbeddingSet(workdir / "embeddings")
+    pairs = embeddings.pairs()
+    texts, gaps = unlabelled_pool(heads, *embeddings.load(), pairs)
     engine = make_engine(StoreSettings.from_env(url))
     with make_sessions(engine).begin() as session:
-        register_head_set(session, heads, uri=str(heads_path.resolve()), activate=True)
+        row = register_head_set(session, heads, uri=str(heads_path.resolve()), activate=True)
+        register_query_pool(session, row, "demo", texts, gaps)
         _, token = create_api_key(session, ["admin"], name="demo")
     engine.dispose()
-    print(f"[3] store: {url} (head set demo/1 active, admin key created)")
-    return url, token
+    print(f"[3] store: {url} (head set demo/1 active, its {len(texts)} pairs a pool to ask from, admin key created)")
+    return url, token, pairs
 
 
 def start_service(url: str, backbone: str, port: int) -> None:
@@ -163,13 +181,14 @@ def main(
     generator = SyntheticGenerator(seed=0, sharpness=SHARPNESS)
     print(f"[1] {len(DEFAULT_USERS)} simulated users: " + ", ".join(u.name for u in DEFAULT_USERS))
     heads_path = fit_demo_head_set(workdir, demo.backbone, generator)
-    url, token = start_store(workdir, heads_path)
+    url, token, pool = start_store(workdir, heads_path)
     port = free_port(demo.port)
     start_service(url, demo.backbone, port)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": token}, timeout=120)
         run_users(client, generator, demo.held_out)
         before = held_out_accuracy(client, generator, demo.held_out)
+        ask_instead(client, generator, pool, demo.held_out, before)
         roll_out(client, fit_from_embeddings(workdir, demo.backbone, K // 2, "2"), generator, demo.held_out, before)
     finally:
         serve.shutdown()
@@ -208,30 +227,57 @@ def held_out_accuracy(client: httpx.Client, generator: SyntheticGenerator,
                       held_out_pairs: int) -> dict[str, float]:
     """Each user's share of held-out pairs ranked their way by their profile (printed beside the population's)."""
     print(f"    held-out accuracy on {held_out_pairs} new pairs per user: personalized vs population profile")
+    accuracy = {}
+    for user in DEFAULT_USERS:
+        held_out = generator.pairs(user, held_out_pairs, offset=2)
+        accuracy[user.name] = ranked_their_way(client, held_out, user.name)
+        print(f"    {user.name:9s} personalized {accuracy[user.name]:.2f}   "
+              f"population {ranked_their_way(client, held_out, None):.2f}")
+    print(f"    (one draw of {N_FEEDBACK} labels per user: another draw moves a user's row by a few points either way)")
+    return accuracy
 
-    def chosen_wins(pair: PreferencePair, user_id: str | None) -> bool:
+
+def ranked_their_way(client: httpx.Client, pairs: list[PreferencePair], user_id: str | None) -> float:
+    """Share of `pairs` whose chosen response the profile of `user_id` (None: the population's) prefers."""
+    def chosen_wins(pair: PreferencePair) -> bool:
         reply = client.post("/v1/compare", json={"user_id": user_id, "prompt": pair.prompt, "a": pair.chosen,
                                                  "b": pair.rejected})
         reply.raise_for_status()
         return reply.json()["probability_a"] > 0.5
 
-    accuracy = {}
     with ThreadPoolExecutor(16) as pool:  # requests in flight together: the service batches them
-        for user in DEFAULT_USERS:
-            held_out = generator.pairs(user, held_out_pairs, offset=2)
-            personal = sum(pool.map(chosen_wins, held_out, [user.name] * len(held_out)))
-            population = sum(pool.map(chosen_wins, held_out, [None] * len(held_out)))
-            accuracy[user.name] = personal / held_out_pairs
-            print(f"    {user.name:9s} personalized {personal / held_out_pairs:.2f}   "
-                  f"population {population / held_out_pairs:.2f}")
-    print(f"    (one draw of {N_FEEDBACK} labels per user: another draw moves a user's row by a few points either way)")
-    return accuracy
+        return sum(pool.map(chosen_wins, pairs)) / len(pairs)
+
+
+def ask_instead(client: httpx.Client, generator: SyntheticGenerator, pool: list[PreferencePair],
+                held_out_pairs: int, sampled: dict[str, float]) -> None:
+    """The users who differ from the majority, again as new users: the service asks them N_ASKED pairs one at a
+    time (each the pair whose answer teaches their profile most, given the answers so far), they answer by their
+    own taste, and their held-out accuracy is printed beside the one from N_FEEDBACK random labels."""
+    print(f"[6] the users who differ from the majority, as new users asked {N_ASKED} pairs by the service "
+          f"(POST /v1/users/{{id}}/queries) instead of sending {N_FEEDBACK} random ones")
+    for user in DEFAULT_USERS[1:]:
+        asked = f"{user.name}-asked"
+        for _ in range(N_ASKED):
+            reply = client.post(f"/v1/users/{asked}/queries", json={"pool": "demo", "k": 1})
+            reply.raise_for_status()
+            query = reply.json()["queries"][0]
+            pair = pool[int(query["query_id"].rsplit(":", 1)[1])]
+            utility = {side: user.utility(rating_matrix([pair], side))[0] for side in ("chosen", "rejected")}
+            better, worse = ((pair.chosen, pair.rejected) if utility["chosen"] >= utility["rejected"]
+                             else (pair.rejected, pair.chosen))
+            client.post(f"/v1/users/{asked}/feedback", json={"pairs": [
+                {"prompt": pair.prompt, "chosen": better, "rejected": worse, "query_id": query["query_id"]}]}
+            ).raise_for_status()
+        held_out = generator.pairs(user, held_out_pairs, offset=2)
+        print(f"    {user.name:9s} {N_ASKED} asked pairs {ranked_their_way(client, held_out, asked):.2f}   "
+              f"{N_FEEDBACK} random pairs {sampled[user.name]:.2f}")
 
 
 def roll_out(client: httpx.Client, heads_path: Path, generator: SyntheticGenerator, held_out_pairs: int,
              before: dict[str, float]) -> None:
     """Register demo/2, migrate every user onto it (a Ray actor), activate it, and compare their rankings."""
-    print("[6] a new head set: register demo/2, migrate every user's profile onto it, activate it")
+    print("[7] a new head set: register demo/2, migrate every user's profile onto it, activate it")
     client.post("/admin/head-sets", json={"uri": str(heads_path.resolve())}).raise_for_status()
     client.post("/admin/head-sets/demo/2/migrate").raise_for_status()
     while (status := client.get("/admin/head-sets/demo/2/migrate").json())["state"] in ("starting", "running"):

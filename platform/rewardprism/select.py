@@ -33,6 +33,8 @@ from typing import Any, Literal
 import numpy as np
 
 from rewardprism.adapt import DEFAULT_STRENGTH, STRENGTHS, adapt_users, gap_scale, strength_ladder, strength_posterior
+from rewardprism.data import PreferencePair, Prompt
+from rewardprism.heads import HeadSet
 from rewardprism.protocol import SEEDS, AdaptationResult, ScoredPairs, pair_accuracy
 
 SelectMethod = Literal["information", "uncertainty", "random"]
@@ -270,3 +272,14 @@ def selection_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | " + " | ".join("" if c is None else f"{c[0]:.3f} ({c[1]:.3f})"
                                                          for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def unlabelled_pool(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarray, pairs: Sequence[PreferencePair],
+                    seed: int = 0) -> tuple[list[tuple[Prompt, str, str]], np.ndarray]:
+    """Labelled pairs as a pool to ask from: (prompt, a, b) per pair, each pair's responses in a random order so
+    the order shown gives no label away, and the gaps s(a) − s(b) (N, H) from their features (N, d)."""
+    flip = np.random.default_rng(seed).random(len(pairs)) < 0.5
+    a = heads.scores(np.where(flip[:, None], rejected, chosen))
+    b = heads.scores(np.where(flip[:, None], chosen, rejected))
+    texts = [(p.prompt, p.rejected, p.chosen) if f else (p.prompt, p.chosen, p.rejected) for p, f in zip(pairs, flip)]
+    return texts, a - b
