@@ -148,6 +148,9 @@ def test_chosen_pairs_teach_a_differing_user_more_than_random_ones():
     chosen, random = (results[m].summary() for m in ("information", "random"))
     assert chosen["differs"][0] > random["differs"][0]
     assert chosen["agrees"][0] >= random["agrees"][0] - 0.01  # nothing lost by asking a user who agrees
+    population = evaluate_selection(test, 0, method="random", prior=population, seeds=range(8))
+    np.testing.assert_array_equal(population.total, results["random"].total)
+    assert population.summary()["differs"][0] < chosen["differs"][0]
 
 
 def test_evaluation_never_scores_an_asked_pair():
@@ -195,7 +198,8 @@ def test_cli_selects_pairs_to_ask_and_evaluates_selection(tmp_path):
                               "--out", str(tmp_path / "report.md")])
     assert out.exit_code == 0, out.output
     rows = json.loads((tmp_path / "report.json").read_text())["selection"]["rows"]
-    assert [r["label"] for r in rows] == ["chosen n=5 (information, one at a time)", "random n=5"]
+    assert [r["label"] for r in rows] == ["population profile (no feedback)", "chosen n=5 (information, one at a time)",
+                                          "random n=5"]
     assert "Active selection (information)" in out.output
     out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", heads,
                               "--select", "random"])

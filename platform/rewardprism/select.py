@@ -196,7 +196,8 @@ def evaluate_selection(test: ScoredPairs, n: int, *, method: SelectMethod, prior
     Per group (a user) and seed, the group's pairs are split at random into an adaptation pool (`pool_fraction`)
     and held-out pairs. The user is asked `batch` pairs at a time from the pool, the posterior re-fitted after
     each batch; the profile the default method adapts from the n answers is scored on the held-out pairs only.
-    Every method sees the same pools and held-out pairs for a seed, so "chosen n" and "random n" compare directly.
+    Every method sees the same pools and held-out pairs for a seed, so "chosen n" and "random n" compare directly;
+    n = 0 scores the population profile (`prior`) on them.
     """
     if not 0 < pool_fraction < 1:
         raise ValueError(f"pool_fraction must be in (0, 1), got {pool_fraction}")
@@ -214,8 +215,12 @@ def evaluate_selection(test: ScoredPairs, n: int, *, method: SelectMethod, prior
         if n > min(map(len, pools)) or not min(map(len, held)):
             raise ValueError(f"group {group!r} has {len(members)} pairs: too few for a pool of {n} asked pairs "
                              f"and held-out pairs (pool fraction {pool_fraction})")
-        asked = _ask(test, pools, n, method, prior, center, batch, seeds)  # (S, n) indices into test
-        profiles = adapt_users(test.chosen[asked], test.rejected[asked], prior, method="default", center=center)[0]
+        if n:
+            asked = _ask(test, pools, n, method, prior, center, batch, seeds)  # (S, n) indices into test
+            profiles = adapt_users(test.chosen[asked], test.rejected[asked], prior, method="default",
+                                   center=center)[0]
+        else:  # nothing asked: the population profile, on the same held-out pairs
+            asked, profiles = np.zeros((len(seeds), 0), int), np.tile(prior, (len(seeds), 1))
         hits = [pair_accuracy(test.chosen[h], test.rejected[h], profiles[s])[:, 0] for s, h in enumerate(held)]
         correct.append([int(h.sum()) for h in hits])
         total.append([len(h) for h in hits])
@@ -248,7 +253,8 @@ def selection_report(test: ScoredPairs, prior: np.ndarray, *, center: float | No
                      batch: int = 5) -> dict[str, Any]:
     """Rows "chosen n" (asked one at a time, and `batch` at a time) next to "random n" from the same pools,
     honest accuracy (held-out pairs only), mean (std) over seeds per group and overall."""
-    rows = []
+    population = evaluate_selection(test, 0, method="random", prior=prior, center=center, seeds=seeds)
+    rows = [{"label": "population profile (no feedback)", "n": 0, "honest": population.summary()}]
     for n in n_values:
         runs = [(method, 1, f"chosen n={n} ({method}, one at a time)"),
                 (method, batch, f"chosen n={n} ({method}, {batch} at a time)"), ("random", 1, f"random n={n}")]
