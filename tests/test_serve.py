@@ -790,8 +790,8 @@ def test_served_scores_are_the_scores_of_the_features_a_drm_head_set_was_fitted_
     embed_pairs(pairs, load_backbone("tiny-bert", device="cpu", max_length=16), tmp_path / "emb", progress=False)
     embedded = EmbeddingSet(tmp_path / "emb")
     chosen, rejected = embedded.load()
-    heads = fit_head_set(PreferenceDecomposition(3).fit(chosen, rejected), chosen, rejected, calibrate=False,
-                         features=embedded.features, name="default", version="drm-16")
+    heads = fit_head_set(PreferenceDecomposition(3).fit(chosen, rejected), chosen, rejected, embedded.pairs(),
+                         calibrate=False, features=embedded.features, name="default", version="drm-16")
     served_chosen, served_rejected = serve_scores(service, heads, tmp_path / "heads", pairs)
     offline_chosen, offline_rejected = (heads.scores(f) @ heads.default_weights for f in (chosen, rejected))
     np.testing.assert_allclose(served_chosen, offline_chosen, rtol=1e-5, atol=1e-5)
