@@ -103,6 +103,16 @@ def skip_cpu_inference_ops() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def param_groups(model: RewardModel, train: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's groups: the backbone at `lr` (left out when frozen), the heads, trained from scratch, at
+    `head_lr`."""
+    head_params = {id(p) for p in model.heads.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head_params],
+               "lr": train.lr},
+              {"params": list(model.heads.parameters()), "lr": train.head_lr}]
+    return [g for g in groups if g["params"]]
+
+
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
     def factor(step: int) -> float:
@@ -144,13 +154,9 @@ class TrainingWorker:
         if train.gradient_checkpointing:
             backbone.model.gradient_checkpointing_enable()
         model = RewardModel(self.model_config, backbone).train()
-        head_params = {id(p) for p in model.heads.parameters()}
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head_params],
-                   "lr": train.lr},
-                  {"params": list(model.heads.parameters()), "lr": train.head_lr}]
         schedule = linear_schedule(train.warmup_steps, self.total_steps)
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[g for g in groups if g["params"]],
+            model=model, model_parameters=param_groups(model, train),
             config=deepspeed_config(train, world_size=self.world, cuda=cuda),
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
         self.collate = PairCollator(backbone, model.is_vrm, model.config.prompt_max_length)
