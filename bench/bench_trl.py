@@ -47,7 +47,7 @@ from rewardprism.config import load_config
 from rewardprism.data import PreferencePair
 from rewardprism.recipes.vrm import VrmConfig
 from rewardprism.train_data import PairCollator, prepare_data
-from rewardprism.train_worker import linear_schedule, param_groups
+from rewardprism.train_worker import disable_dropout, linear_schedule, param_groups
 from rewardprism.vrm import RewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +146,8 @@ def child_trl(args: argparse.Namespace, work: Path) -> None:
 
 def trl_trainer(args: argparse.Namespace, ids: dict[str, list[list[int]]], work: Path, device: str,
                 model_dir: str | None = None, random_init: bool = False):
-    """TRL's RewardTrainer as a TRL user runs it, except: the recipe's token ids, its order, no gradient
-    checkpointing (the recipe has none), and the recipe's learning rate and gradient clipping."""
+    """TRL's RewardTrainer as a TRL user runs it (dropout disabled, its default), except: the recipe's token ids,
+    its order, no gradient checkpointing (the recipe has none), and the recipe's learning rate and clipping."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -421,6 +421,8 @@ def gpu_recipe(kind: str, args, cpu_backbone: Backbone, batches, device, dtype) 
     encoder = copy.deepcopy(cpu_backbone.model).to(device=device, dtype=dtype)
     backbone = Backbone("minilm", encoder, cpu_backbone.tokenizer, "mean", config.model.max_length)
     model = RewardModel(config.model, backbone).to(device=device, dtype=dtype).train()
+    if config.train.disable_dropout:
+        disable_dropout(model)
     optimizer = torch.optim.AdamW(param_groups(model, config.train), weight_decay=config.train.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(config.train.warmup_steps, len(batches)))
     start = None
