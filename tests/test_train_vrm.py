@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from head_sets_for_tests import made_up_features
 from rewardprism.backbone import load_backbone
 from rewardprism.config import ConfigError, load_config, output_path
@@ -277,6 +278,21 @@ def test_a_cpu_worker_never_builds_deepspeeds_shared_memory_op(tmp_path, monkeyp
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     skip_cpu_inference_ops()
     assert build_shm_op() is None and not any(tmp_path.iterdir())
+
+
+def test_disable_dropout_makes_a_training_forward_pass_deterministic():
+    """`train.disable_dropout` (TRL's default): in train mode two passes over a batch agree only without dropout."""
+    from rewardprism.train_worker import disable_dropout
+    from rewardprism.vrm import RewardModelConfig
+
+    torch.manual_seed(0)
+    model = RewardModel(RewardModelConfig(kind="bt", backbone="tiny-bert"), load_backbone("tiny-bert", device="cpu"))
+    rows = {"pair": np.array([json.dumps(p.to_row()) for p in SyntheticGenerator(0).dataset(1)[:4]], dtype=object)}
+    batch = PairCollator(model.backbone, with_prompts=False)(rows)
+    model.train()
+    assert not torch.equal(model(**batch)["rewards_chosen"], model(**batch)["rewards_chosen"])
+    disable_dropout(model)
+    assert torch.equal(model(**batch)["rewards_chosen"], model(**batch)["rewards_chosen"])
 
 
 # The first three training losses of the seeded run below, computed once (2026-12, before the recipe moved to
