@@ -54,6 +54,7 @@ def main() -> None:
     embed = scenario("embed", work / "embed", "--per-user", "100", "--replace-after-s", "5")
     serve = scenario("serve", work / "serve", "--phase-s", str(args.phase_s))
     tune = scenario("tune", work / "tune", "--epochs", "6")
+    gcs = scenario("gcs", work / "gcs", "--phase-s", str(args.phase_s))
     load_end = os.getloadavg()
 
     base_acc = [b["accuracy"] for b in baselines]
@@ -62,34 +63,47 @@ def main() -> None:
     failed = serve["failed_after_fault"]
     window = "–".join(f"{t:g}" for t in serve["failure_window_s"]) or "none"
     rows = [
-        ("training (train_vrm.py recipe, ZeRO-2, 2 workers on 2 nodes)",
+        ("a worker node removed during training (train_vrm.py recipe, ZeRO-2, 2 workers on 2 nodes)",
          f"{train['recovery_s']:g} s to the first resumed step (replacement node up after "
          f"{train['replaced_after_s']:g} s)",
          "—", f"{train['steps_redone']} of {train['total_steps']} steps (resumed from step {train['start_step']})",
          "0 (final step {}; accuracy {:.3f} vs uninterrupted {})".format(
              train["final_step"], train["accuracy"], ", ".join(f"{a:.3f}" for a in base_acc))),
-        ("embedding (Ray Data actor pool, 1 actor per node)",
+        ("a worker node removed during embedding (Ray Data actor pool, 1 actor per node)",
          f"finished {embed['after_fault_s']:g} s after the fault (replacement after {embed['replaced_after_s']:g} s)",
          "—", f"in-flight shards of the window (fault after shard {embed['written_at_fault']} of "
               f"{embed['shards']}); 0 shards written twice",
          f"0 ({embed['pairs_in_output']} pairs, each once; shards equal a local run: "
          f"{embed['shards_equal_local']})"),
-        ("serving (serve_apps/config.yaml: 2 Ingress + 2 Embedder, spread 1 of each per node; HeadOnly proxy)",
+        ("a worker node removed under scoring + feedback load (config.yaml's app: 2 Ingress + 2 Embedder, "
+         "spread 1 of each per node; HeadOnly proxy)",
          f"last failed call {serve['failure_window_s'][-1] if failed else 0:g} s after the fault; app "
          f"healthy (2 replicas each, RUNNING) {serve['healthy_s']} s after it; "
          + (f"replicas back on a new node {serve['rebalance_s']} s after it joined" if serve["rebalance_s"]
             else "replicas stay where they are when a node joins (no rebalance)"),
          f"{failed} of {calls} calls ({window} s after the fault)", "—",
          f"{serve['lost']} feedback rows of {serve['acknowledged']} acknowledged"),
-        ("tuning (tune/sweep_vrm.py, 2 trials, 1 Train worker each)",
+        ("a worker node removed during a sweep (tune/sweep_vrm.py, 2 trials, 1 Train worker each)",
          f"sweep finished {tune['after_fault_s']:g} s after the fault",
          "—", f"steps after the last checkpoint of the trial on the node (resumed from step "
               f"{max(tune['start_steps'])} of {tune['max_t']})",
          f"0 ({tune['trials']} trials, {tune['distinct_configs']} configurations, each reported once; "
          f"errors: {len(tune['errors'])})"),
+        ("the head's GCS (killed, restarted on its port after {:g} s; GCS fault tolerance: tables in Redis)"
+         .format(gcs["phase_s"]),
+         f"app RUNNING {gcs['running_after_restart_s']} s after the restart; replicas "
+         + ("where they were" if gcs["before"] == gcs["after"] else f"moved: {gcs['before']} → {gcs['after']}"),
+         f"{gcs['failed_while_down']} of {sum(gcs['counts'].get('GCS down', {}).values())} calls while it was "
+         f"down, {gcs['failed_after_restart']} after", "none",
+         f"{gcs['lost']} feedback rows of {gcs['acknowledged']} acknowledged"),
     ]
-    table = ("| fault: one worker node removed during | recovery | requests failed | work redone | data lost |\n"
+    loads = [train, *baselines, embed, serve, tune, gcs]
+    table = ("| fault | recovery | requests failed | work redone | data lost |\n"
              "|---|---|---|---|---|\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows))
+    load_note = ("Load average (1 min) as each scenario ended: " + ", ".join(
+        f"{name} {r['load'][0]:.1f}" for name, r in zip(
+            ["training (fault)", *[f"training (uninterrupted {i + 1})" for i in range(len(baselines))],
+             "embedding", "serving", "tuning", "GCS"], loads)) + ".")
     serve_note = (f"Serving: {args.phase_s:g} s phases, 4 closed-loop clients (score, then one feedback pair); "
                   f"app status {args.phase_s:g} s after the fault: {serve['status_after_fault']}, after a node joined: "
                   f"{serve['status_after_add']}; replicas by node: before {serve['placed']}, after the fault "
@@ -100,7 +114,7 @@ def main() -> None:
         "have; `remove_node(allow_graceful=False)` kills a worker node outright. Shared storage is a local "
         "folder. Load average (1, 5, 15 min): {} at the start, {} at the end (other work on the machine).\n\n"
         .format(", ".join(f"{x:.1f}" for x in load_start), ", ".join(f"{x:.1f}" for x in load_end))
-        + table + "\n\n" + serve_note + " Training accuracy is on "
+        + table + "\n\n" + load_note + " " + serve_note + " Training accuracy is on "
         f"{train['eval_pairs']} held-out pairs (one pair is {1 / train['eval_pairs']:.3f}); two uninterrupted "
         "runs differ too, because the order Ray Data hands rows to 2 workers is not fixed."
     )
