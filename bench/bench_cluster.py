@@ -90,8 +90,10 @@ def main() -> None:
          f"{embed['shards_equal_local']})"),
         ("a worker node removed under scoring + feedback load (config.yaml's app: 2 Ingress + 2 Embedder, "
          "spread 1 of each per node; HeadOnly proxy)",
-         f"last failed call {serve['failure_window_s'][-1] if failed else 0:g} s after the fault; app "
-         f"healthy (2 replicas each, RUNNING) {serve['healthy_s']} s after it; "
+         f"node seen dead {serve['dead_s']:g} s after the fault; last failed call at "
+         f"{serve['failure_window_s'][-1] if failed else 0:g} s; app healthy again (2 replicas each, RUNNING) "
+         + (f"at {serve['healthy_s']:g} s; " if serve["healthy_s"] is not None
+            else f"not within {3 * serve['phase_s']:g} s; ")
          + (f"replicas back on a new node {serve['rebalance_s']} s after it joined" if serve["rebalance_s"]
             else "replicas stay where they are when a node joins (no rebalance)"),
          f"{failed} of {calls} calls ({window} s after the fault)", "—",

@@ -292,7 +292,11 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int, fault: str =
             if fault == "gcs":
                 return gcs_outage(cluster, load, phase_s, url)
             fault_at = load.enter("node removed")
-            cluster.remove(cluster.nodes[0].node_id)
+            victim = cluster.nodes[0].node_id
+            cluster.remove(victim)
+            wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == victim),
+                     "the node seen dead", every=0.2)
+            dead_s = round(time.monotonic() - fault_at, 1)
             try:  # healthy again: two live replicas of each deployment, and the app RUNNING
                 wait_for(lambda: all(len(v) == 2 for v in replicas_by_node(cluster).values())
                          and ray_serve.status().applications["cluster"].status.value == "RUNNING",
@@ -324,7 +328,8 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int, fault: str =
     failures = [t for t in load.failures if t >= fault_at]
     return {
         "clients": clients, "phase_s": phase_s, "placed": placed, "after_fault": after_fault,
-        "status_after_fault": status_after_fault, "healthy_s": healthy_s, "after_add": after_add,
+        "status_after_fault": status_after_fault, "dead_s": dead_s,
+        "healthy_s": healthy_s, "after_add": after_add,
         "status_after_add": status_after_add, "rebalance_s": rebalance_s,
         "counts": {phase: dict(c) for phase, c in load.counts.items()},
         "failed_after_fault": len(failures),
