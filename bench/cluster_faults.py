@@ -39,11 +39,13 @@ WORKER = "rp_worker"  # the custom resource of worker nodes: what the work under
 class TestCluster:
     """A head (no `rp_worker`) and `workers` worker nodes, each with `rp_worker: 1` and `worker_cpus` CPUs."""
 
-    def __init__(self, workers: int = 2, worker_cpus: int = 1, head_cpus: int = 2):
+    def __init__(self, workers: int = 2, worker_cpus: int = 1, head_cpus: int = 2, gcs_port: int = 0):
         address_file = Path(ray._private.utils.get_ray_address_file(None))
         before = address_file.read_text() if address_file.exists() else None
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus,
-                                                                     "include_dashboard": False})
+        head = {"num_cpus": head_cpus, "include_dashboard": False}
+        if gcs_port:  # a GCS restarted on the same port is found again by every raylet
+            head["gcs_server_port"] = gcs_port
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
         # Cluster records its address for `ray.init()` to join: other jobs on this machine must not join ours
         if before is None:
             address_file.unlink(missing_ok=True)
@@ -248,7 +250,7 @@ def replicas_by_node(cluster: TestCluster) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in sorted(found.items())}
 
 
-def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str, Any]:
+def serve(out: Path, *, clients: int, phase_s: float, pg_port: int, fault: str = "node") -> dict[str, Any]:
     """config.yaml's app (tiny backbone, a Postgres cluster of its own on `pg_port`), 2 Ingress and 2
     Embedder replicas on the worker nodes (Serve spreads them: one of each per node); `clients` closed-loop
     clients each score, then send one feedback pair. Phases of `phase_s`: healthy; a worker node removed; a
@@ -271,11 +273,11 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
                     self.failures.append(time.monotonic())
 
     cluster = None
-    with local.postgres_cluster("rpcluster", pg_port) as database:
+    with local.postgres_cluster(f"rpcluster{pg_port}", pg_port) as database:
         try:
             url = database.url
             key = prepare(url, out / "heads")
-            cluster = TestCluster()
+            cluster = TestCluster(gcs_port=free_port() if fault == "gcs" else 0)
             port = free_port()
             env = {"DATABASE_URL": url, "RP_DB_TIMEOUT_S": "1", "RP_DB_CALL_TIMEOUT_S": "2", "RP_HEAD_SET_POLL_S": "1"}
             app = local.app_config("cluster", "/", env, replicas=2)
@@ -287,8 +289,14 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
             for thread in load.threads:
                 thread.start()
             time.sleep(phase_s)
+            if fault == "gcs":
+                return gcs_outage(cluster, load, phase_s, url)
             fault_at = load.enter("node removed")
-            cluster.remove(cluster.nodes[0].node_id)
+            victim = cluster.nodes[0].node_id
+            cluster.remove(victim)
+            wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == victim),
+                     "the node seen dead", every=0.2)
+            dead_s = round(time.monotonic() - fault_at, 1)
             try:  # healthy again: two live replicas of each deployment, and the app RUNNING
                 wait_for(lambda: all(len(v) == 2 for v in replicas_by_node(cluster).values())
                          and ray_serve.status().applications["cluster"].status.value == "RUNNING",
@@ -320,7 +328,8 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
     failures = [t for t in load.failures if t >= fault_at]
     return {
         "clients": clients, "phase_s": phase_s, "placed": placed, "after_fault": after_fault,
-        "status_after_fault": status_after_fault, "healthy_s": healthy_s, "after_add": after_add,
+        "status_after_fault": status_after_fault, "dead_s": dead_s,
+        "healthy_s": healthy_s, "after_add": after_add,
         "status_after_add": status_after_add, "rebalance_s": rebalance_s,
         "counts": {phase: dict(c) for phase, c in load.counts.items()},
         "failed_after_fault": len(failures),
@@ -328,6 +337,38 @@ def serve(out: Path, *, clients: int, phase_s: float, pg_port: int) -> dict[str,
         "failed_before_fault": len([t for t in load.failures if t < fault_at]),
         "acknowledged": len(load.acknowledged), "lost": len(load.acknowledged - stored),
         "stored_after_error": len(load.refused & stored), "refused": len(load.refused),
+    }
+
+
+def gcs_outage(cluster: TestCluster, load: Any, phase_s: float, url: str) -> dict[str, Any]:
+    """The head's GCS (the cluster's control plane) killed for `phase_s` and started again on its port; the
+    cluster runs with GCS fault tolerance (RAY_REDIS_ADDRESS: its tables live in Redis). Returns the calls
+    that failed while it was down and after, the replicas and app status after, feedback lost."""
+    from bench_faults import stored_pairs
+    from ray import serve as ray_serve
+
+    before = replicas_by_node(cluster)
+    down_at = load.enter("GCS down")
+    cluster.cluster.head_node.kill_gcs_server()
+    time.sleep(phase_s)
+    up_at = load.enter("GCS restarted")
+    cluster.cluster.head_node.start_gcs_server()
+    status = wait_for(lambda: ray_serve.status().applications["cluster"].status.value == "RUNNING",
+                      "the app RUNNING after the GCS restart", timeout=120, every=0.5)
+    running_s = round(time.monotonic() - up_at, 1) if status else None
+    time.sleep(phase_s)
+    load.stop.set()
+    for thread in load.threads:
+        thread.join(60)
+    stored = stored_pairs(url)
+    down = [t for t in load.failures if down_at <= t < up_at]
+    return {
+        "fault": "gcs", "phase_s": phase_s, "before": before, "after": replicas_by_node(cluster),
+        "running_after_restart_s": running_s, "counts": {phase: dict(c) for phase, c in load.counts.items()},
+        "failed_while_down": len(down), "failed_after_restart": len([t for t in load.failures if t >= up_at]),
+        "failed_before": len([t for t in load.failures if t < down_at]),
+        "acknowledged": len(load.acknowledged), "lost": len(load.acknowledged - stored),
+        "stored_after_error": len(load.refused & stored),
     }
 
 
@@ -397,7 +438,7 @@ def tune(out: Path, *, fault: bool, epochs: int, per_user: int, replace_after_s:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenario", choices=["train", "embed", "serve", "tune"])
+    parser.add_argument("scenario", choices=["train", "embed", "serve", "tune", "gcs"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-fault", dest="fault", action="store_false")
     parser.add_argument("--epochs", type=int, default=2)
@@ -412,6 +453,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="serve")
     parser.add_argument("--phase-s", type=float, default=20.0, help="serve")
     parser.add_argument("--pg-port", type=int, default=5518, help="serve: its own Postgres cluster's port")
+    parser.add_argument("--redis", default="127.0.0.1:6379", help="gcs: the Redis that keeps the GCS's tables")
     args = parser.parse_args()
     if args.scenario == "train":
         result = train(args.out, fault=args.fault, epochs=args.epochs, per_user=args.per_user,
@@ -420,12 +462,24 @@ def main() -> None:
     elif args.scenario == "tune":
         result = tune(args.out, fault=args.fault, epochs=args.epochs, per_user=args.per_user,
                       replace_after_s=args.replace_after_s)
-    elif args.scenario == "serve":
-        result = serve(args.out, clients=args.clients, phase_s=args.phase_s, pg_port=args.pg_port)
+    elif args.scenario in ("serve", "gcs"):
+        if args.scenario == "gcs":  # GCS fault tolerance: the GCS keeps its tables in Redis, under a namespace
+            os.environ["RAY_REDIS_ADDRESS"] = args.redis
+            os.environ["RAY_external_storage_namespace"] = namespace = f"rp-cluster-{os.getpid()}"
+        try:
+            result = serve(args.out, clients=args.clients, phase_s=args.phase_s, pg_port=args.pg_port,
+                           fault="node" if args.scenario == "serve" else "gcs")
+        finally:
+            if args.scenario == "gcs":
+                from ray._private.gcs_utils import cleanup_redis_storage
+
+                host, _, port = args.redis.rpartition(":")
+                cleanup_redis_storage(host, int(port), "", False, namespace)
     else:
         result = embed(args.out, fault=args.fault, per_user=args.per_user, shard_size=args.shard_size,
                        shards_per_actor=args.shards_per_actor, fault_after=args.fault_after,
                        replace_after_s=args.replace_after_s)
+    result["load"] = [round(x, 1) for x in os.getloadavg()]  # 1, 5, 15 min, as the scenario ends
     print(json.dumps(result))
 
 

@@ -107,9 +107,10 @@ def test_overlays_hold_what_each_environment_needs(rendered):
         "RayService/rewardprism-scorer",
     ]
     assert kinds["dev"] == sorted(
-        platform + ["Service/rewardprism-postgres", "StatefulSet/rewardprism-postgres"]
+        platform + ["Service/rewardprism-postgres", "StatefulSet/rewardprism-postgres",
+                    "Service/rewardprism-redis", "StatefulSet/rewardprism-redis"]
     )
-    assert kinds["prod"] == platform  # prod's database is external: DATABASE_URL names it
+    assert kinds["prod"] == platform  # prod's database and Redis are external: DATABASE_URL and redisAddress
     for env in ("dev", "prod"):
         assert sorted(v.describe(o) for o in rendered[JOBS[env]]) == ["RayJob/train-drm", "RayJob/train-vrm"]
     namespaces = {
@@ -118,9 +119,25 @@ def test_overlays_hold_what_each_environment_needs(rendered):
     }
     assert namespaces == {"dev": {"rewardprism-dev"}, "prod": {"rewardprism"}}
     # dev's database: a StatefulSet whose data lives on a claim, behind the Service DATABASE_URL names
-    postgres = one(rendered[PLATFORM["dev"]], "StatefulSet")
-    assert postgres["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
-    assert postgres["spec"]["serviceName"] == one(rendered[PLATFORM["dev"]], "Service")["metadata"]["name"]
+    dev = rendered[PLATFORM["dev"]]
+    for component in ("postgres", "redis"):  # and the scorer's Redis likewise, behind its redisAddress
+        (stateful,) = [o for o in by_kind(dev, "StatefulSet") if component in o["metadata"]["name"]]
+        (service,) = [o for o in by_kind(dev, "Service") if component in o["metadata"]["name"]]
+        assert stateful["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+        assert stateful["spec"]["serviceName"] == service["metadata"]["name"]
+
+
+def test_the_scorer_keeps_its_gcs_tables_in_redis(rendered):
+    """GCS fault tolerance: the RayService's head keeps the cluster's tables in Redis (dev: the in-cluster one,
+    by its Service; prod: a managed one), with the password from the Secret, so losing the head Pod does not
+    take the Serve application down (bench/bench_cluster.py: a GCS restart under load fails no call)."""
+    for env, path in PLATFORM.items():
+        options = one(rendered[path], "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+        host, _, port = options["redisAddress"].rpartition(":")
+        assert port == "6379" and options["redisPassword"]["valueFrom"]["secretKeyRef"] == {
+            "name": "rewardprism-secrets", "key": "REDIS_PASSWORD"}
+        services = [o["metadata"]["name"] for o in by_kind(rendered[path], "Service")]
+        assert (host in services) is (env == "dev"), (env, host, services)
 
 
 def test_runs_volume_is_shared_by_every_ray_pod(rendered):
@@ -242,7 +259,7 @@ BREAKS = {
 @pytest.mark.parametrize("name", list(BREAKS))
 def test_validation_fails_on_a_broken_object(crds, rendered, name):
     kind, breaks, expected = BREAKS[name]
-    obj = copy.deepcopy(one(rendered[PLATFORM["dev"]], kind))
+    obj = copy.deepcopy(by_kind(rendered[PLATFORM["dev"]], kind)[0])
     assert v.object_errors(obj) == []  # the intact object passes ...
     breaks(obj)
     errors = v.object_errors(obj)  # ... the broken one does not
@@ -441,6 +458,8 @@ def test_train_vrm_jobs_load_their_config_and_write_to_the_shared_volume(rendere
         assert _on_shared_volume(config.run_dir) and _on_shared_volume(config.export_dir), env
         assert _reachable_from_the_cluster(config.data.source), (env, config.data.source)
         assert config.ray.use_gpu is (env == "prod")
+        # a lost worker Pod is retried from the latest checkpoint; a resubmitted job continues its run
+        assert config.ray.max_failures >= 3 and config.ray.resume, env
         # each Ray Train worker fits on a Pod of a worker group, and all of them on those groups at their largest
         groups = one(rendered[PLATFORM[env]], "RayCluster")["spec"]["workerGroupSpecs"]
         fits = _fits(groups, config.ray.cpus_per_worker, 1 if config.ray.use_gpu else 0)
@@ -517,7 +536,7 @@ def test_secret_template_has_placeholders_only_and_every_key_the_pods_read(crds,
     template = yaml.safe_load(SECRET_TEMPLATE.read_text())
     assert v.object_errors(template) == []
     values = template["stringData"]
-    assert set(values) == {"DATABASE_URL", "REWARDPRISM_ADMIN_KEY", "POSTGRES_PASSWORD"}
+    assert set(values) == {"DATABASE_URL", "REWARDPRISM_ADMIN_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD"}
     assert all("changeme" in value for value in values.values()), "the template holds only placeholders"
     refs, optional = set(), set()
     for objects in rendered.values():

@@ -234,6 +234,20 @@ def test_drm_sweep_resumes_and_its_accuracies_hold(tmp_path, ray_cluster, embedd
                  for name in ("accuracy_vs_heads", "adapted_weights", "weight_correlation")])
 
 
+def test_trials_hold_their_workers_custom_resources(ray_cluster):
+    """With `ray.worker_resources`, the nodes that have them bound how many trials run at once, not the CPUs:
+    before, a sweep started as many trials as the CPUs held, and the Train runs of the extra ones waited for
+    busy nodes (Ray Train stops waiting for a worker group after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s)."""
+    from sweeps import max_concurrent_trials
+
+    recipe = load_config(VrmConfig, ROOT / "configs" / "vrm_tiny.yaml", ["ray.worker_resources={trainer: 1}"])
+    assert sweep_vrm.trial_resources(recipe) == {"CPU": 3, "GPU": 0, "trainer": 2}
+    with pytest.raises(ConfigError, match=r"^ray.worker_resources: one trial needs .* the cluster has 0 trainer"):
+        max_concurrent_trials(sweep_vrm.trial_resources(recipe), None)  # the session cluster has no "trainer"
+    assert max_concurrent_trials(sweep_vrm.trial_resources(load_config(
+        VrmConfig, ROOT / "configs" / "vrm_tiny.yaml", ["ray.num_workers=1"])), None) == 2  # 4 CPUs, 2 a trial
+
+
 def test_vrm_sweep_end_to_end(tmp_path, ray_cluster):
     """Two trials (λ = 0 and a sampled λ), each a Ray Train run; the best one exported, registrable, plotted."""
     config = sweep_file("vrm_smoke.yaml", tmp_path)

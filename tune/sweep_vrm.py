@@ -178,6 +178,15 @@ def check_reports(recipe: VrmConfig) -> None:
                                                f"{train.eval_every}: in a sweep every report must carry {METRIC}")
 
 
+def trial_resources(recipe: VrmConfig) -> dict[str, float]:
+    """What one trial holds: its driver (Tune's default 1 CPU; it prepares the data) and its Train workers,
+    custom resources included (`ray.worker_resources`: on a cluster where only some nodes have them, they,
+    not the CPUs, bound how many trials run at once). The Train controller takes no resources."""
+    workers = recipe.ray.num_workers
+    return {"CPU": 1 + workers * recipe.ray.cpus_per_worker, "GPU": workers * recipe.ray.use_gpu,
+            **{name: workers * amount for name, amount in recipe.ray.worker_resources.items()}}
+
+
 # ----------------------------------------------------------------------------------------------- trials
 # Ray ships these functions to the trial actors by value (this file runs as __main__): they use only
 # rewardprism and Ray, never the sibling modules, which workers cannot import under `ray job submit`.
@@ -257,10 +266,7 @@ def main(
         data = prepare_data(base.data, base.model)  # the data is checked here, before any cluster starts
         max_t = total_steps(base, len(data.train))
         connect_ray()
-        # A trial: its driver (Tune's default 1 CPU; it prepares the data) and its Train workers. The Train
-        # controller takes no resources.
-        per_trial = {"CPU": 1 + base.ray.num_workers * base.ray.cpus_per_worker,
-                     "GPU": base.ray.num_workers * base.ray.use_gpu}
+        per_trial = trial_resources(base)
         # Tune presets only fields of the space: a point's other fields join it at the recipe's values
         constants = {k: field_value(recipe, k) for p in points for k in p if k not in domains}
         param_space = {**domains, **constants, SEED: ray.tune.grid_search(list(range(sweep.seeds)))}

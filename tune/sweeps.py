@@ -81,7 +81,8 @@ def max_concurrent_trials(per_trial: dict[str, float], configured: int | None) -
     fits = {name: int(cluster.get(name, 0) // need) for name, need in per_trial.items() if need > 0}
     scarcest = min(fits, key=fits.get)
     if fits[scarcest] < 1:
-        raise ConfigError("ray.num_workers", f"one trial needs {per_trial}, but the cluster has "
+        field = "ray.num_workers" if scarcest in ("CPU", "GPU") else "ray.worker_resources"
+        raise ConfigError(field, f"one trial needs {per_trial}, but the cluster has "
                                              f"{cluster.get(scarcest, 0):g} {scarcest}: use fewer or smaller workers")
     return fits[scarcest]
 
