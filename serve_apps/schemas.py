@@ -77,7 +77,8 @@ class ScoreRequest(Conversation):
     user_id: UserId | None = Field(None, description="omit for the default profile (or a key's bound user)")
     responses: list[Text] = Field(min_length=1, max_length=MAX_RESPONSES)
     explain: Flag = Field(False, description="add each head's contribution to every score")
-    explain_top: int | None = Field(None, ge=1, description="only the heads with the largest contributions")
+    explain_top: int | None = Field(None, ge=1, description="only the heads with the largest contributions "
+                                                            "(heads contributing 0 are left out)")
 
 
 class CompareRequest(Conversation):

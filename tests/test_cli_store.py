@@ -68,9 +68,11 @@ def test_admin_workflow_on_sqlite(tmp_path: Path, headset_dir: Path) -> None:
     assert "profile version 1" in ok(rp(url, "users", "set-weights", "alice", '{"pc0+": 0.9, "pc1-": -0.4}'))
     shown = ok(rp(url, "users", "show", "alice", "--top", "2"))
     assert "drm-cli@1" in shown and "method manual" in shown and '{"team": "a"}' in shown
+    # mirrored heads as one direction with its net weight w(+) − w(−): pc1- at −0.4 is pc1 at +0.4
     top = [line.split() for line in shown.splitlines() if line.strip().startswith("pc")]
-    assert [(t[0], t[1]) for t in top] == [("pc0+", "+0.9000"), ("pc1-", "-0.4000")]
+    assert [(t[0], t[1]) for t in top] == [("pc0", "+0.9000"), ("pc1", "+0.4000")]
     assert top[0][2] == "█" * 30 and len(top[1][2]) == round(0.4 / 0.9 * 30)  # bars scaled to the largest
+    assert "(3 directions" in shown
 
     wrong_length = rp(url, "users", "set-weights", "alice", "[1, 2]")
     assert wrong_length.exit_code == 2 and "2 values, but there are 6 heads" in wrong_length.output
@@ -222,7 +224,9 @@ def test_reset_and_set_weights_follow_the_newly_active_version(tmp_path: Path, h
     ok(rp(url, "models", "register", str(second), "--activate"))
     assert "default weights of drm-cli@2" in ok(rp(url, "users", "reset", "alice"))
     assert "over drm-cli@2" in ok(rp(url, "users", "set-weights", "alice", '{"pc1+": 1.0}'))
-    assert "drm-cli@2" in ok(rp(url, "users", "show", "alice"))
+    ok(rp(url, "users", "reset", "alice"))
+    shown = ok(rp(url, "users", "show", "alice"))  # defaults 1/6 on every head: each direction nets 0
+    assert "drm-cli@2" in shown and not [line for line in shown.splitlines() if line.strip().startswith("pc")]
 
 
 def test_database_url_after_the_sub_command_and_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:

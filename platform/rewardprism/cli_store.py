@@ -305,21 +305,40 @@ def users_list(
     typer.echo(f"{shown} of {page.total}")
 
 
+def net_directions(names: Sequence[str], weights: Sequence[float]) -> list[tuple[str, float]]:
+    """(label, weight) per direction: a mirrored pair of heads (`+pc3`/`-pc3`, or `pc3+`/`pc3-`, whose scores
+    are each other's negatives) is one direction `pc3` with net weight w(+) − w(−); other heads as they are."""
+    index = {name: i for i, name in enumerate(names)}
+    out = []
+    for name, w in zip(names, weights):
+        base, sign = (name[1:], name[0]) if name[:1] in "+-" else (name[:-1], name[-1:])
+        plus, minus = (f"+{base}", f"-{base}") if name[:1] in "+-" else (f"{base}+", f"{base}-")
+        if sign in ("+", "-") and plus in index and minus in index:
+            if sign == "+":
+                out.append((base, weights[index[plus]] - weights[index[minus]]))
+        else:
+            out.append((name, w))
+    return out
+
+
 def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, width: int = 30) -> list[str]:
-    """A one-line-per-60-heads sparkline of the whole vector, then the `top` heads by |weight| as bars."""
+    """A one-line-per-60-directions sparkline of the net weights, then the `top` directions by |net weight|
+    (those weighted 0 left out) as bars."""
     ticks = "▁▂▃▄▅▆▇█"
-    low, high = min(weights), max(weights)
+    directions = net_directions(names, weights)
+    values = [w for _, w in directions]
+    low, high = min(values), max(values)
     span = (high - low) or 1.0
-    spark = "".join(ticks[round((w - low) / span * (len(ticks) - 1))] for w in weights)
+    spark = "".join(ticks[round((w - low) / span * (len(ticks) - 1))] for w in values)
     lines = [f"  {i:>4}  {spark[i:i + 60]}" for i in range(0, len(spark), 60)]
-    lines.append(f"        min {low:+.3f}  max {high:+.3f}")
-    largest = max(abs(w) for w in weights) or 1.0
-    ranked = sorted(range(len(weights)), key=lambda i: -abs(weights[i]))[:top]
-    label = max(len(names[i]) for i in ranked)
+    lines.append(f"        min {low:+.3f}  max {high:+.3f}  ({len(values)} directions: mirrored ±heads as one)")
+    largest = max(abs(w) for w in values) or 1.0
+    ranked = [i for i in sorted(range(len(values)), key=lambda i: -abs(values[i])) if values[i]][:top]
+    label = max((len(directions[i][0]) for i in ranked), default=0)
     for i in ranked:
-        bar = "█" * max(1, round(abs(weights[i]) / largest * width)) if weights[i] else ""
-        color = "green" if weights[i] >= 0 else "red"
-        lines.append(f"  {names[i]:<{label}}  {weights[i]:+.4f}  {typer.style(bar, fg=color)}")
+        name, w = directions[i]
+        bar = "█" * max(1, round(abs(w) / largest * width))
+        lines.append(f"  {name:<{label}}  {w:+.4f}  {typer.style(bar, fg='green' if w >= 0 else 'red')}")
     return lines
 
 
@@ -327,9 +346,9 @@ def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, widt
 def users_show(
     ctx: typer.Context,
     external_id: Annotated[str, typer.Argument()],
-    top: Annotated[int, typer.Option(min=1, help="how many heads to name")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="how many directions to name")] = 5,
 ) -> None:
-    """Show a user and their profile: the weight vector as a bar chart, with the strongest heads named."""
+    """Show a user and their profile: the net weight of each direction as a chart, the strongest named."""
     with _transaction(ctx) as session:
         user = get_user(session, external_id)
         pairs = session.scalar(sa.select(sa.func.count(Feedback.id)).where(Feedback.user_id == user.id))
@@ -347,7 +366,7 @@ def users_show(
     typer.echo(f"profile  {heads.label} ({heads.kind}, {heads.num_heads} heads), "
                f"method {profile.method}, {profile.n_pairs} pairs, version {profile.version}, "
                f"bias {profile.bias:+.4f}, updated {_when(profile.updated_at)}")
-    typer.echo("weights")
+    typer.echo("net weights")
     for line in _weight_chart(heads.head_names, profile.weights, top):
         typer.echo(line)
 

@@ -17,6 +17,8 @@ An entry point, not library: it starts a store and the Serve app of serve_apps (
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import time
@@ -135,7 +137,8 @@ def start_service(url: str, backbone: str, port: int) -> None:
     from serve_apps.local import app_config, run_config
 
     env = {"DATABASE_URL": url, "RP_BACKBONE": backbone, "RP_HEAD_SET": "demo"}
-    run_config(port, app_config("rewardprism", "/", env, num_cpus={"Embedder": 1, "Ingress": 0.2}))
+    with contextlib.redirect_stdout(io.StringIO()):  # `serve run`'s own INFO lines; a failure still raises
+        run_config(port, app_config("rewardprism", "/", env, num_cpus={"Embedder": 1, "Ingress": 0.2}))
     print(f"    scoring service up at http://127.0.0.1:{port} (OpenAPI: /docs)")
 
 
