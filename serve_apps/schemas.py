@@ -186,6 +186,31 @@ class UserOut(BaseModel):
     profile: ProfileOut | None
 
 
+class AuditOut(BaseModel):
+    created_at: datetime
+    actor: str = Field(description="who: `key:<prefix>` for an API key, `key:env:admin`, or the CLI's --actor")
+    action: str
+    target: str = Field(description="what it was about: a user's external id, a key prefix, `name@version`")
+    details: dict[str, Any]
+
+
+class ProfileVersionOut(BaseModel):
+    head_set: str
+    active: bool = Field(description="the head set's active version: the profile the service scores with")
+    method: str
+    n_pairs: int
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class UserHistory(BaseModel):
+    user_id: str
+    profiles: list[ProfileVersionOut] = Field(description="one per head-set version, latest update first; each "
+                                                          "holds its latest weights (earlier ones are not kept)")
+    audit: list[AuditOut] = Field(description="audit-log entries about the user, newest first")
+
+
 class UserPage(BaseModel):
     items: list[UserOut]
     total: int

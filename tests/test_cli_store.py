@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -301,3 +302,27 @@ def test_serve_against_a_missing_database_is_one_line_and_port_host_reach_the_co
     assert seen["http_options"] == {"host": "127.0.0.1", "port": 8123}
     assert seen["applications"][0]["import_path"] == "serve_apps.app:app"
     assert "*  drm-cli  1" in ok(rp(url, "models", "list"))
+
+
+def test_users_history_and_audit_list(tmp_path: Path, headset_dir: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    ok(rp(url, "db", "upgrade"))
+    ok(rp(url, "models", "register", str(headset_dir), "--activate"))
+    for user in ("alice", "bob"):
+        ok(rp(url, "users", "create", user))
+    ok(rp(url, "users", "set-weights", "alice", '{"pc0+": 1.0}'))
+    ok(rp(url, "users", "reset", "alice"))
+    history = ok(rp(url, "users", "history", "alice"))
+    assert re.search(r"\*\s+drm-cli@1\s+default\s+0\s+2", history), history  # reset: profile version 2
+    actions = [line.split()[3] for line in history.split("audit log\n")[1].splitlines()[2:]]
+    assert actions == ["users.reset", "users.set-weights", "users.create"]
+    assert '"version": 1' in history and "tester" in history
+
+    everything = ok(runner.invoke(app, ["audit", "list", "--database-url", url]))
+    assert everything.count("users.create") == 2 and "models.register" in everything
+    only_bob = ok(runner.invoke(app, ["audit", "list", "--user", "bob", "--database-url", url]))
+    assert "bob" in only_bob and "alice" not in only_bob
+    assert "users." not in ok(runner.invoke(app, ["audit", "list", "--since", "2999-01-01", "--database-url", url]))
+    assert "users.reset" in ok(runner.invoke(app, ["audit", "list", "--since", "1h", "--database-url", url]))
+    bad = runner.invoke(app, ["audit", "list", "--since", "yesterday", "--database-url", url])
+    assert bad.exit_code == 2 and "--since" in bad.output

@@ -9,7 +9,7 @@ import typer
 from rewardprism.cli_common import fail
 from rewardprism.cli_drm import adapt, decompose, evaluate
 from rewardprism.cli_serve import serve as serve_command
-from rewardprism.cli_store import db_app, keys_app, models_app, users_app
+from rewardprism.cli_store import audit_app, db_app, keys_app, models_app, users_app
 from rewardprism.cli_train import train as train_command
 from rewardprism.data import DataError, DatasetSummary
 
@@ -19,6 +19,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+app.add_typer(audit_app, name="audit")
 app.command("serve")(serve_command)
 app.command("train")(train_command)
 app.command()(decompose)
@@ -28,7 +29,7 @@ app.command()(evaluate)
 
 @app.callback()
 def main() -> None:
-    """Sub-commands: embed, decompose, adapt, evaluate, train, serve, db, users, keys, models."""
+    """Sub-commands: embed, decompose, adapt, evaluate, train, serve, db, users, keys, models, audit."""
 
 
 @app.command()

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, NoReturn
@@ -40,6 +40,7 @@ from rewardprism.store import (
     get_user,
     import_user,
     list_api_keys,
+    list_audit,
     list_head_sets,
     list_users,
     make_engine,
@@ -91,6 +92,7 @@ db_app = _group("The database schema (Alembic migrations).")
 users_app = _group("Users, their profiles and feedback.")
 keys_app = _group("API keys for clients and admins.")
 models_app = _group("The head-set registry: which saved heads are served.")
+audit_app = _group("The audit log: who changed or read out what, and when.")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def _connect(
     ctx.obj = _Admin(settings, actor or os.environ.get("RP_ACTOR") or getpass.getuser())
 
 
-for _sub in (db_app, users_app, keys_app, models_app):
+for _sub in (db_app, users_app, keys_app, models_app, audit_app):
     _sub.callback()(_connect)
 
 
@@ -369,6 +371,30 @@ def users_show(
     typer.echo("net weights")
     for line in _weight_chart(heads.head_names, profile.weights, top):
         typer.echo(line)
+
+
+@users_app.command("history")
+def users_history(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument()],
+    limit: Annotated[int, typer.Option(min=1, help="audit entries shown, newest first")] = 50,
+) -> None:
+    """A user's profiles (one per head-set version: method, pairs, version, when) and the audit log about them.
+
+    Each profile row holds its latest weights only; earlier versions of a profile are not stored, so the audit
+    entries (who set, reset, imported or exported, with the version made) are its history.
+    """
+    with _transaction(ctx) as session:
+        user = get_user(session, external_id)
+        profiles = sorted(user.profiles, key=lambda p: (p.updated_at, p.id), reverse=True)
+        rows = [("*" if p.head_set.active else "", p.head_set.label, p.method, p.n_pairs, p.version,
+                 _when(p.created_at), _when(p.updated_at)) for p in profiles]
+        audit = [(_when(e.created_at), e.actor, e.action, json.dumps(e.details, ensure_ascii=False))
+                 for e in list_audit(session, target=external_id, limit=limit)]
+    typer.echo(f"profiles of {external_id} ('*': over the active version of its head set)")
+    _table(("", "head set", "method", "pairs", "version", "created", "updated"), rows)
+    typer.echo("audit log")
+    _table(("when", "actor", "action", "details"), audit)
 
 
 @users_app.command("set-weights")
@@ -685,3 +711,35 @@ def models_register(
         _audit(ctx, session, "models.register", row.label, content_hash=row.content_hash, active=row.active)
     active = " - active" if row.active else ""
     typer.echo(f"registered {row.label} ({row.kind}, {row.num_heads} heads){active}")
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+def _since(value: str | None) -> datetime | None:
+    """--since: an ISO date or time (UTC unless it names a zone), or an age such as 30m, 12h, 7d."""
+    if value is None:
+        return None
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if value[:-1].isdigit() and value[-1:] in units:
+        return datetime.now(timezone.utc) - timedelta(**{units[value[-1]]: int(value[:-1])})
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since: {value!r} is neither an ISO date/time (2026-12-04, 2026-12-04T16:00) nor an age (30m, "
+              "12h, 7d)")
+
+
+@audit_app.command("list")
+def audit_list(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option(help="only entries about this user (external id)")] = None,
+    since: Annotated[str | None, typer.Option(help="from this ISO date/time (UTC) or age (30m, 12h, 7d) on")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="newest entries shown")] = 50,
+) -> None:
+    """The audit log, newest first: when, who, what, about whom, and the details recorded."""
+    start = _since(since)
+    with _transaction(ctx) as session:
+        rows = [(_when(e.created_at), e.actor, e.action, e.target, json.dumps(e.details, ensure_ascii=False))
+                for e in list_audit(session, target=user, since=start, limit=limit)]
+    _table(("when", "actor", "action", "target", "details"), rows)

@@ -14,7 +14,7 @@ and head-set version, and feedback), `head_sets`, `keys`, `audit`, `revocation` 
 through Alembic
 (`rewardprism db upgrade`).
 """
-from rewardprism.store.audit import record_audit
+from rewardprism.store.audit import list_audit, record_audit
 from rewardprism.store.config import DEFAULT_URL, Limits, StoreSettings, missing_sqlite_file, safe_url
 from rewardprism.store.engine import commit_with_retry, make_engine, make_sessions
 from rewardprism.store.errors import (
@@ -85,7 +85,8 @@ __all__ = [
     "ProfileConflict", "ProfileUpdate", "StoreError", "StoreSettings", "User", "UserDeleted", "UserDisabled",
     "activate_head_set", "append_feedback_and_update_profile", "auth_epoch", "check_feedback_pair", "commit_with_retry",
     "create_api_key", "create_user", "delete_user", "export_user", "get_head_set", "get_or_create_user", "get_profile",
-    "get_user", "import_user", "list_api_keys", "list_feedback", "list_head_sets", "list_users", "lock_active_key",
+    "get_user", "import_user", "list_api_keys", "list_audit", "list_feedback", "list_head_sets", "list_users",
+    "lock_active_key",
     "make_engine", "make_sessions", "missing_sqlite_file", "record_audit", "register_head_set", "reset_profile",
     "revoke_api_key", "safe_url", "save_profile", "set_user_disabled", "upgrade_api_key_hash", "verify_api_key",
     "was_deleted",
