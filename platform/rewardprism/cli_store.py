@@ -10,7 +10,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -24,6 +24,7 @@ import typer
 from sqlalchemy.orm import Session
 from typer.core import TyperGroup
 
+from rewardprism.cards import load_cards
 from rewardprism.store import (
     SCOPES,
     Feedback,
@@ -323,9 +324,10 @@ def net_directions(names: Sequence[str], weights: Sequence[float]) -> list[tuple
     return out
 
 
-def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, width: int = 30) -> list[str]:
+def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, width: int = 30,
+                  summaries: Mapping[str, str] | None = None) -> list[str]:
     """A one-line-per-60-directions sparkline of the net weights, then the `top` directions by |net weight|
-    (those weighted 0 left out) as bars."""
+    (those weighted 0 left out) as bars, each with the one-line summary of the card of the head it leans on."""
     ticks = "▁▂▃▄▅▆▇█"
     directions = net_directions(names, weights)
     values = [w for _, w in directions]
@@ -340,7 +342,11 @@ def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, widt
     for i in ranked:
         name, w = directions[i]
         bar = "█" * max(1, round(abs(w) / largest * width))
-        lines.append(f"  {name:<{label}}  {w:+.4f}  {typer.style(bar, fg='green' if w >= 0 else 'red')}")
+        sign = "+" if w >= 0 else "-"
+        card = next((summaries[n] for n in (name, f"{sign}{name}", f"{name}{sign}") if n in summaries), "") \
+            if summaries else ""
+        lines.append(f"  {name:<{label}}  {w:+.4f}  {typer.style(bar.ljust(width), fg='green' if w >= 0 else 'red')}"
+                     + (f"  {sign}{name}: {card}" if card and name not in summaries else f"  {card}" if card else ""))
     return lines
 
 
@@ -369,7 +375,9 @@ def users_show(
                f"method {profile.method}, {profile.n_pairs} pairs, version {profile.version}, "
                f"bias {profile.bias:+.4f}, updated {_when(profile.updated_at)}")
     typer.echo("net weights")
-    for line in _weight_chart(heads.head_names, profile.weights, top):
+    cards = load_cards(heads.uri) if Path(heads.uri).is_dir() else None  # `rewardprism heads show` explains them
+    summaries = {name: card.summary for name, card in cards.items()} if cards else None
+    for line in _weight_chart(heads.head_names, profile.weights, top, summaries=summaries):
         typer.echo(line)
 
 
