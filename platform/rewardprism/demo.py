@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 import time
@@ -61,8 +62,6 @@ class DemoConfig:
 def quiet_ray() -> None:
     """The demo reads as a story: Ray Data's execution INFO lines and per-operator progress blocks, and the
     driver's Ray INFO logs, are off; the embedding shows its own bar (pairs, tokens/s, ETA)."""
-    import logging
-
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -161,7 +160,8 @@ def main(
     import ray
     from ray import serve
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster, always
+    # its own cluster, always; its start-up INFO lines off (quiet_ray: the rest of Ray's chatter)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     quiet_ray()
     generator = SyntheticGenerator(seed=0, sharpness=SHARPNESS)
     print(f"[1] {len(DEFAULT_USERS)} simulated users: " + ", ".join(u.name for u in DEFAULT_USERS))
