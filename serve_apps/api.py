@@ -211,6 +211,12 @@ def create_api(service: ScoringService, migrations: Migrations | None = None) ->
         """Store labelled pairs and re-adapt the user's profile from all their feedback; the next score uses it."""
         return await service.feedback(who, user_id, request)
 
+    @api.get("/v1/heads", response_model=schemas.HeadsOut, tags=["scoring"])
+    async def heads(who: Auth, excerpts: bool = False) -> schemas.HeadsOut:
+        """What each head of the served head set means (its card); `excerpts=true` adds the training pairs it
+        scores highest and lowest."""
+        return await service.head_cards(who, excerpts)
+
     @api.get("/v1/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["users"])
     async def profile(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
         return await service.profile(who, user_id)

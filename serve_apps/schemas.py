@@ -186,6 +186,27 @@ class UserOut(BaseModel):
     profile: ProfileOut | None
 
 
+class HeadCardOut(BaseModel):
+    head: str
+    summary: str | None = Field(None, description="what the head means, in one line (null: the head set has no "
+                                                 "cards; `rewardprism heads show DIR --embeddings EMB` makes them)")
+    explained_variance_ratio: float | None = None
+    correlations: list[dict[str, Any]] = Field([], description="[{attribute, r}]: rating attributes its margins "
+                                                               "correlate with, strongest first")
+    groups: list[dict[str, Any]] = Field([], description="[{group, mean_margin_sd}], the group favouring it most "
+                                                         "first")
+    highest: list[dict[str, Any]] | None = Field(None, description="with `excerpts=true`: training pairs it "
+                                                                    "scores highest ({prompt, chosen, rejected, "
+                                                                    "margin}, excerpts)")
+    lowest: list[dict[str, Any]] | None = None
+
+
+class HeadsOut(BaseModel):
+    head_set: str = Field(description="the served head set, name@version")
+    cards: bool = Field(description="whether the head set has cards")
+    heads: list[HeadCardOut] = Field(description="in the head set's order: weights and explanations use it")
+
+
 class AuditOut(BaseModel):
     created_at: datetime
     actor: str = Field(description="who: `key:<prefix>` for an API key, `key:env:admin`, or the CLI's --actor")

@@ -1,8 +1,9 @@
-"""The admin API's read of the audit log and of a user's history, over HTTP on a real store (SQLite) that the
-admin CLI wrote: `GET /admin/audit` and `GET /admin/users/{id}/history` show what `audit list` and
-`users history` show."""
+"""Reads for people over HTTP, on a real store (SQLite) the admin CLI wrote and a head set `decompose` made:
+`GET /admin/audit` and `GET /admin/users/{id}/history` show what `audit list` and `users history` show, and
+`GET /v1/heads` the served head set's cards."""
 from __future__ import annotations
 
+import asyncio
 import secrets
 import socket
 import threading
@@ -10,10 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import uvicorn
+from rewardprism.cards import load_cards
 from rewardprism.cli import app
-from rewardprism.heads import HeadSet
+from test_evaluate import linear_synthetic, write_embedding_folder
 from typer.testing import CliRunner
 
 from serve_apps.api import create_api
@@ -30,24 +31,40 @@ class NoMetrics:
 
 def test_audit_and_history_over_http(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
-    heads = HeadSet(np.random.default_rng(0).normal(size=(2, 4)), np.zeros(2), ["+pc0", "-pc0"], "drm", "minilm",
-                    np.array([0.5, 0.5]), name="h", version="1").save(tmp_path / "h")
+    write_embedding_folder(tmp_path / "emb", linear_synthetic(per_user=30))
     runner = CliRunner()
+    made = runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "h"),
+                               "--components", "2", "--no-calibrate", "--name", "h", "--version", "1"])
+    assert made.exit_code == 0, made.output
+    heads = tmp_path / "h"
     for args in (["db", "upgrade"], ["models", "register", str(heads), "--activate"], ["users", "create", "alice"],
-                 ["users", "create", "bob"], ["users", "set-weights", "alice", "[1, 0]"]):
+                 ["users", "create", "bob"], ["users", "set-weights", "alice", "[1, 0, 0, 0, 0]"]):
         result = runner.invoke(app, [args[0], "--database-url", url, "--actor", "ops", *args[1:]])
         assert result.exit_code == 0, result.output
 
-    scoring = ScoringService(ServeSettings(database_url=url, admin_key=ADMIN_KEY), None, NoMetrics())
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_api(scoring), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    running: dict[str, uvicorn.Server] = {}
+
+    def run() -> None:  # the service loads the active head set `h` at start, as a replica does
+        async def main() -> None:
+            scoring = ScoringService(ServeSettings(database_url=url, admin_key=ADMIN_KEY, head_set="h"), None,
+                                     NoMetrics())
+            await scoring.start()
+            running["server"] = uvicorn.Server(uvicorn.Config(create_api(scoring), host="127.0.0.1", port=port,
+                                                              log_level="warning"))
+            try:
+                await running["server"].serve()
+            finally:
+                await scoring.close()
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
+        while not (running.get("server") and running["server"].started) and time.monotonic() < deadline:
             time.sleep(0.05)
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": ADMIN_KEY})
         entries = http.get("/admin/audit").json()
@@ -65,6 +82,14 @@ def test_audit_and_history_over_http(tmp_path: Path) -> None:
         assert [e["action"] for e in history["audit"]] == ["users.set-weights", "users.create"]
         assert http.get("/admin/users/nobody/history").status_code == 404
         assert httpx.get(f"http://127.0.0.1:{port}/admin/audit").status_code == 401
+
+        cards = load_cards(heads)
+        served = http.get("/v1/heads").json()
+        assert served["head_set"] == "h@1" and served["cards"] is True
+        assert [h["head"] for h in served["heads"]] == ["population", "+pc0", "+pc1", "-pc0", "-pc1"]
+        assert served["heads"][1]["summary"] == cards["+pc0"].summary and served["heads"][1]["highest"] is None
+        with_pairs = http.get("/v1/heads", params={"excerpts": "true"}).json()
+        assert with_pairs["heads"][1]["highest"][0]["chosen"] == cards["+pc0"].highest[0]["chosen"]
     finally:
-        server.should_exit = True
+        running["server"].should_exit = True
         thread.join(10)
