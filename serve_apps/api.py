@@ -245,7 +245,8 @@ def create_api(service: ScoringService, migrations: Migrations | None = None) ->
         return await admin.user_history(who, user_id, limit)
 
     @api.get("/admin/audit", response_model=list[schemas.AuditOut], tags=["admin"])
-    async def audit(who: Auth, user: Annotated[str | None, Query(max_length=schemas.EXTERNAL_ID_MAX)] = None,
+    async def audit(who: Auth, user: Annotated[str | None, Query(max_length=schemas.EXTERNAL_ID_MAX,
+                                                                 pattern=schemas.NO_NUL)] = None,
                     since: datetime | None = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[schemas.AuditOut]:
         """The audit log, newest first; `user`: only entries about that user; `since`: an ISO date-time."""

@@ -45,6 +45,10 @@ def list_audit(session: Session, *, target: str | None = None, since: datetime |
     if target is not None:
         query = query.where(AuditEntry.target == target)
     if since is not None:
-        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        try:
+            since = since.astimezone(timezone.utc) if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        except OverflowError:  # a zone offset past year 1 or 9999: before or after every entry
+            since = datetime.min.replace(tzinfo=timezone.utc) if since.year < 5000 else \
+                datetime.max.replace(tzinfo=timezone.utc)
         query = query.where(AuditEntry.created_at >= since)
     return list(session.scalars(query))
