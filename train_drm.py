@@ -9,7 +9,12 @@ cluster `ray.init()` starts a local one; under `ray job submit` (RAY_ADDRESS) it
 run, save, cleanup — is `rewardprism.recipes.drm.DrmRecipe`.
 """
 import typer
+from rewardprism.cli_common import config_fields
 from rewardprism.cli_train import train_drm
+from rewardprism.recipes.drm import DrmConfig
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app.command(epilog=config_fields(DrmConfig))(train_drm)  # --help lists the fields --override takes
 
 if __name__ == "__main__":
-    typer.run(train_drm)
+    app()

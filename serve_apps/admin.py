@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -39,6 +40,11 @@ def head_set_out(row: store.HeadSetRow) -> schemas.HeadSetOut:
     return schemas.HeadSetOut(name=row.name, version=row.version, kind=row.kind, backbone=row.backbone, dim=row.dim,
                               num_heads=row.num_heads, content_hash=row.content_hash, uri=row.uri,
                               active=row.active, created_at=row.created_at)
+
+
+def audit_out(entry: store.AuditEntry) -> schemas.AuditOut:
+    return schemas.AuditOut(created_at=entry.created_at, actor=entry.actor, action=entry.action,
+                            target=entry.target, details=entry.details)
 
 
 def key_out(key: store.ApiKey) -> schemas.KeyOut:
@@ -102,6 +108,24 @@ class AdminOperations:
     async def get_user(self, caller: data.Caller, user: str) -> schemas.UserOut:
         served = self.service.served
         return await self._read(caller, lambda session: user_out(store.get_user(session, user), served))
+
+    async def user_history(self, caller: data.Caller, user: str, limit: int) -> schemas.UserHistory:
+        def history(session: Session) -> schemas.UserHistory:
+            found = store.get_user(session, user)
+            profiles = sorted(found.profiles, key=lambda p: (p.updated_at, p.id), reverse=True)
+            return schemas.UserHistory(
+                user_id=user,
+                profiles=[schemas.ProfileVersionOut(head_set=p.head_set.label, active=p.head_set.active,
+                                                    method=p.method, n_pairs=p.n_pairs, version=p.version,
+                                                    created_at=p.created_at, updated_at=p.updated_at)
+                          for p in profiles],
+                audit=[audit_out(e) for e in store.list_audit(session, target=user, limit=limit)])
+        return await self._read(caller, history)
+
+    async def list_audit(self, caller: data.Caller, user: str | None, since: datetime | None,
+                         limit: int) -> list[schemas.AuditOut]:
+        return await self._read(caller, lambda session: [
+            audit_out(e) for e in store.list_audit(session, target=user, since=since, limit=limit)])
 
     async def set_disabled(self, caller: data.Caller, user: str, disabled: bool) -> schemas.UserOut:
         served = self.service.served

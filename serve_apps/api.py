@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
@@ -219,6 +220,12 @@ def create_api(service: ScoringService, migrations: Migrations | None = None) ->
         """
         return await service.queries(who, user_id, request)
 
+    @api.get("/v1/heads", response_model=schemas.HeadsOut, tags=["scoring"])
+    async def heads(who: Auth, excerpts: bool = False) -> schemas.HeadsOut:
+        """What each head of the served head set means (its card); `excerpts=true` adds the training pairs it
+        scores highest and lowest."""
+        return await service.head_cards(who, excerpts)
+
     @api.get("/v1/users/{user_id}/profile", response_model=schemas.ProfileOut, tags=["users"])
     async def profile(user_id: UserPath, who: Auth) -> schemas.ProfileOut:
         return await service.profile(who, user_id)
@@ -239,6 +246,20 @@ def create_api(service: ScoringService, migrations: Migrations | None = None) ->
     @api.get("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"])
     async def get_user(user_id: UserPath, who: Auth) -> schemas.UserOut:
         return await admin.get_user(who, user_id)
+
+    @api.get("/admin/users/{user_id}/history", response_model=schemas.UserHistory, tags=["admin"])
+    async def user_history(user_id: UserPath, who: Auth,
+                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> schemas.UserHistory:
+        """The user's profiles (one per head-set version) and the audit-log entries about them."""
+        return await admin.user_history(who, user_id, limit)
+
+    @api.get("/admin/audit", response_model=list[schemas.AuditOut], tags=["admin"])
+    async def audit(who: Auth, user: Annotated[str | None, Query(max_length=schemas.EXTERNAL_ID_MAX,
+                                                                 pattern=schemas.NO_NUL)] = None,
+                    since: datetime | None = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[schemas.AuditOut]:
+        """The audit log, newest first; `user`: only entries about that user; `since`: an ISO date-time."""
+        return await admin.list_audit(who, user, since, limit)
 
     @api.patch("/admin/users/{user_id}", response_model=schemas.UserOut, tags=["admin"],
                dependencies=[Idempotent])

@@ -77,7 +77,8 @@ class ScoreRequest(Conversation):
     user_id: UserId | None = Field(None, description="omit for the default profile (or a key's bound user)")
     responses: list[Text] = Field(min_length=1, max_length=MAX_RESPONSES)
     explain: Flag = Field(False, description="add each head's contribution to every score")
-    explain_top: int | None = Field(None, ge=1, description="only the heads with the largest contributions")
+    explain_top: int | None = Field(None, ge=1, description="only the heads with the largest contributions "
+                                                            "(heads contributing 0 are left out)")
 
 
 class CompareRequest(Conversation):
@@ -240,6 +241,52 @@ class UserOut(BaseModel):
     disabled: bool
     created_at: datetime
     profile: ProfileOut | None
+
+
+class HeadCardOut(BaseModel):
+    head: str
+    summary: str | None = Field(None, description="what the head means, in one line (null: the head set has no "
+                                                 "cards; `rewardprism heads show DIR --embeddings EMB` makes them)")
+    explained_variance_ratio: float | None = None
+    correlations: list[dict[str, Any]] = Field([], description="[{attribute, r}]: rating attributes its margins "
+                                                               "correlate with, strongest first")
+    groups: list[dict[str, Any]] = Field([], description="[{group, mean_margin_sd}], the group favouring it most "
+                                                         "first")
+    highest: list[dict[str, Any]] | None = Field(None, description="with `excerpts=true`: training pairs it "
+                                                                    "scores highest ({prompt, chosen, rejected, "
+                                                                    "margin}, excerpts)")
+    lowest: list[dict[str, Any]] | None = None
+
+
+class HeadsOut(BaseModel):
+    head_set: str = Field(description="the served head set, name@version")
+    cards: bool = Field(description="whether the head set has cards")
+    heads: list[HeadCardOut] = Field(description="in the head set's order: weights and explanations use it")
+
+
+class AuditOut(BaseModel):
+    created_at: datetime
+    actor: str = Field(description="who: `key:<prefix>` for an API key, `key:env:admin`, or the CLI's --actor")
+    action: str
+    target: str = Field(description="what it was about: a user's external id, a key prefix, `name@version`")
+    details: dict[str, Any]
+
+
+class ProfileVersionOut(BaseModel):
+    head_set: str
+    active: bool = Field(description="the head set's active version: the profile the service scores with")
+    method: str
+    n_pairs: int
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class UserHistory(BaseModel):
+    user_id: str
+    profiles: list[ProfileVersionOut] = Field(description="one per head-set version, latest update first; each "
+                                                          "holds its latest weights (earlier ones are not kept)")
+    audit: list[AuditOut] = Field(description="audit-log entries about the user, newest first")
 
 
 class UserPage(BaseModel):

@@ -34,13 +34,15 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
 from pydantic_core import to_jsonable_python
 from rewardprism import store
+from rewardprism.cards import load_cards
 from rewardprism.data import Prompt
 from rewardprism.heads import HeadSet
 from rewardprism.migrate_profiles import adapt_on_head_set
@@ -695,6 +697,20 @@ class ScoringService:
         served = self.heads()
         return await self.read(lambda session: profile_out(
             user, store.get_user(session, user).profile_on(served.row_id), served))
+
+    async def head_cards(self, caller: data.Caller, excerpts: bool) -> schemas.HeadsOut:
+        """The served head set's cards (`rewardprism.cards`, saved beside it), read from its folder."""
+        self.authorize(caller, "score", None)
+        served = self.heads()
+        cards = await asyncio.to_thread(load_cards, served.ref.uri) if Path(served.ref.uri).is_dir() else None
+        heads = []
+        for name in served.heads.head_names:
+            card = (cards or {}).get(name)
+            if card is None:
+                heads.append(schemas.HeadCardOut(head=name))
+            else:
+                heads.append(schemas.HeadCardOut(**(asdict(card) if excerpts else card.without_excerpts())))
+        return schemas.HeadsOut(head_set=served.label, cards=cards is not None, heads=heads)
 
     # ------------------------------------------------------------------------------------------ health
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,9 +69,11 @@ def test_admin_workflow_on_sqlite(tmp_path: Path, headset_dir: Path) -> None:
     assert "profile version 1" in ok(rp(url, "users", "set-weights", "alice", '{"pc0+": 0.9, "pc1-": -0.4}'))
     shown = ok(rp(url, "users", "show", "alice", "--top", "2"))
     assert "drm-cli@1" in shown and "method manual" in shown and '{"team": "a"}' in shown
+    # mirrored heads as one direction with its net weight w(+) − w(−): pc1- at −0.4 is pc1 at +0.4
     top = [line.split() for line in shown.splitlines() if line.strip().startswith("pc")]
-    assert [(t[0], t[1]) for t in top] == [("pc0+", "+0.9000"), ("pc1-", "-0.4000")]
+    assert [(t[0], t[1]) for t in top] == [("pc0", "+0.9000"), ("pc1", "+0.4000")]
     assert top[0][2] == "█" * 30 and len(top[1][2]) == round(0.4 / 0.9 * 30)  # bars scaled to the largest
+    assert "(3 directions" in shown
 
     wrong_length = rp(url, "users", "set-weights", "alice", "[1, 2]")
     assert wrong_length.exit_code == 2 and "2 values, but there are 6 heads" in wrong_length.output
@@ -222,7 +225,9 @@ def test_reset_and_set_weights_follow_the_newly_active_version(tmp_path: Path, h
     ok(rp(url, "models", "register", str(second), "--activate"))
     assert "default weights of drm-cli@2" in ok(rp(url, "users", "reset", "alice"))
     assert "over drm-cli@2" in ok(rp(url, "users", "set-weights", "alice", '{"pc1+": 1.0}'))
-    assert "drm-cli@2" in ok(rp(url, "users", "show", "alice"))
+    ok(rp(url, "users", "reset", "alice"))
+    shown = ok(rp(url, "users", "show", "alice"))  # defaults 1/6 on every head: each direction nets 0
+    assert "drm-cli@2" in shown and not [line for line in shown.splitlines() if line.strip().startswith("pc")]
 
 
 def test_database_url_after_the_sub_command_and_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
@@ -297,3 +302,27 @@ def test_serve_against_a_missing_database_is_one_line_and_port_host_reach_the_co
     assert seen["http_options"] == {"host": "127.0.0.1", "port": 8123}
     assert seen["applications"][0]["import_path"] == "serve_apps.app:app"
     assert "*  drm-cli  1" in ok(rp(url, "models", "list"))
+
+
+def test_users_history_and_audit_list(tmp_path: Path, headset_dir: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    ok(rp(url, "db", "upgrade"))
+    ok(rp(url, "models", "register", str(headset_dir), "--activate"))
+    for user in ("alice", "bob"):
+        ok(rp(url, "users", "create", user))
+    ok(rp(url, "users", "set-weights", "alice", '{"pc0+": 1.0}'))
+    ok(rp(url, "users", "reset", "alice"))
+    history = ok(rp(url, "users", "history", "alice"))
+    assert re.search(r"\*\s+drm-cli@1\s+default\s+0\s+2", history), history  # reset: profile version 2
+    actions = [line.split()[3] for line in history.split("audit log\n")[1].splitlines()[2:]]
+    assert actions == ["users.reset", "users.set-weights", "users.create"]
+    assert '"version": 1' in history and "tester" in history
+
+    everything = ok(runner.invoke(app, ["audit", "list", "--database-url", url]))
+    assert everything.count("users.create") == 2 and "models.register" in everything
+    only_bob = ok(runner.invoke(app, ["audit", "list", "--user", "bob", "--database-url", url]))
+    assert "bob" in only_bob and "alice" not in only_bob
+    assert "users." not in ok(runner.invoke(app, ["audit", "list", "--since", "2999-01-01", "--database-url", url]))
+    assert "users.reset" in ok(runner.invoke(app, ["audit", "list", "--since", "1h", "--database-url", url]))
+    bad = runner.invoke(app, ["audit", "list", "--since", "yesterday", "--database-url", url])
+    assert bad.exit_code == 2 and "--since" in bad.output

@@ -54,3 +54,11 @@ def test_runnable_blocks_of_readme_and_serve_docs_run_in_order(tmp_path: Path) -
     # what the blocks promise exists: the head sets, alice's profile file, the registry and alice herself
     assert (tmp_path / "runs/heads-drm/headset.json").is_file() and (tmp_path / "runs/me.json").is_file()
     assert "active: drm@1" in run.stdout and "alice: default weights of drm@2" in run.stdout
+
+
+def test_train_drm_help_lists_the_fields_override_takes() -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "train_drm.py"), "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())
+    assert "Embed a dataset, decompose" in text and "n_components=50" in text and "seeds=20" in text

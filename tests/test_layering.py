@@ -29,6 +29,7 @@ CORE = {
     "rewardprism.drm", "rewardprism.adapt", "rewardprism.select",
     "rewardprism.protocol", "rewardprism.calibrate", "rewardprism.evaluate", "rewardprism.vrm",
     "rewardprism.scoring", "rewardprism.train_data", "rewardprism.train_eval", "rewardprism.migrate_profiles",
+    "rewardprism.cards",
 }
 RAY_LIBRARY = {
     "rewardprism.embed_ray", "rewardprism.drm_ray", "rewardprism.train_worker", "rewardprism.recipes",

@@ -43,6 +43,9 @@ def test_nan_guards_explanations_and_probabilities():
     assert Profile(np.zeros(3), 0.0, "another").problem(heads) == "other_head_set"
     parts = explain(np.array([1.0, -3.0, 2.0]), np.array([1.0, 1.0, 0.5]), heads.head_names)
     assert [p.head for p in parts] == ["head1", "head0", "head2"] and sum(p.contribution for p in parts) == -1.0
+    # the top heads are those that contribute: a zero weight (a reset profile's PCs) is never listed
+    top = explain(np.array([1.0, -3.0, 2.0]), np.array([0.0, 0.0, 0.5]), heads.head_names, top=2)
+    assert [p.head for p in top] == ["head2"]
     assert preference_probability(800.0, -800.0) == 1.0 and preference_probability(-800.0, 800.0) == 0.0
     assert abs(preference_probability(0.3, 0.1) + preference_probability(0.1, 0.3) - 1) < 1e-12
 

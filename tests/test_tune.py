@@ -231,7 +231,7 @@ def test_drm_sweep_resumes_and_its_accuracies_hold(tmp_path, ray_cluster, embedd
     assert f"registered drm-smoke@{heads.version} (drm, {heads.num_heads} heads) - active" in \
         register(tmp_path, experiment / "best" / "headset")
     assert_pngs([experiment / "plots" / f"{name}.png"
-                 for name in ("accuracy_vs_heads", "adapted_weights", "weight_correlation")])
+                 for name in ("accuracy_vs_heads", "adapted_weights", "weight_similarity")])
 
 
 def test_trials_hold_their_workers_custom_resources(ray_cluster):
@@ -317,3 +317,36 @@ def test_selection_methods_are_a_sweep_dimension_with_their_own_plot(tmp_path, e
     assert_pngs([report.plot_accuracy_vs_pairs(rows, meta, "smoke", tmp_path / "accuracy_vs_pairs.png")])
     with pytest.raises(ConfigError, match="methods"):
         load_config(sweep_drm.DrmSweep, sweep_file("drm_smoke.yaml", tmp_path, methods=["select-random"]), [])
+
+
+@pytest.mark.parametrize("script", ["sweep_drm", "sweep_vrm"])
+def test_an_existing_sweep_folder_is_refused_before_data_is_read_or_ray_starts(tmp_path, monkeypatch, script):
+    module = {"sweep_drm": sweep_drm, "sweep_vrm": sweep_vrm}[script]
+    config = sweep_file("drm_smoke.yaml" if script == "sweep_drm" else "vrm_smoke.yaml", tmp_path)
+    name = yaml.safe_load(config.read_text())["run"]["name"]
+    (tmp_path / "runs" / name).mkdir(parents=True)
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray started (or data was read) before the folder was checked")
+    monkeypatch.setattr(module, "connect_ray", started)
+    if script == "sweep_drm":
+        monkeypatch.setattr(module, "load_data", started)
+    cli = typer.Typer()
+    cli.command()(module.main)
+    result = CliRunner().invoke(cli, ["--config", str(config)])
+    assert result.exit_code == 2 and "holds a sweep already: pass --resume" in result.output, result.output
+
+
+def test_accuracy_vs_heads_title_fits_a_one_panel_figure(tmp_path, monkeypatch):
+    import report
+
+    figures = []
+    monkeypatch.setattr(report, "save", lambda fig, path, layout=True: figures.append(fig) or path)
+    rows = [{"config/pairs": 5, "config/method": "hyre", "config/heads": k, "accuracy": 0.6, "accuracy_std": 0.01}
+            for k in (2, 4)]
+    meta = {"metric": "accuracy", "config": {"methods": ["hyre"], "seeds": 3}}
+    report.plot_accuracy_vs_heads(rows, meta, "a-rather-long-sweep-name-drm-alpaca-gpt4", tmp_path / "a.png")
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    title, frame = fig._suptitle.get_window_extent(renderer), fig.bbox
+    assert frame.x0 <= title.x0 and title.x1 <= frame.x1 and title.y1 <= frame.y1, (title, frame)

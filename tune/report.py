@@ -11,6 +11,7 @@ weights over the heads for each group (Figure 2) and the correlation between the
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,7 +55,7 @@ def render_report(experiment: Path, *, heads: int | None = None, pairs: int | No
     groups, names, weights = component_weights(adapted)
     plots = [plot_accuracy_vs_heads(rows, meta, title, out / "accuracy_vs_heads.png"),
              plot_weights(groups, names, weights, label, out / "adapted_weights.png"),
-             plot_correlation(groups, weights, label, out / "weight_correlation.png")]
+             plot_correlation(groups, weights, label, out / "weight_similarity.png")]
     if any(str(r.get("config/method")).startswith(SELECT_PREFIX) for r in rows):
         plots.append(plot_accuracy_vs_pairs(rows, meta, title, out / "accuracy_vs_pairs.png"))
     return plots
@@ -132,7 +133,8 @@ def plot_accuracy_vs_heads(rows: list[dict[str, Any]], meta: dict[str, Any], tit
         ax.set_xlabel("principal components k (heads ±PC)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out accuracy (honest), mean over groups")
-    fig.suptitle(f"{title}: accuracy vs heads (mean ± std over {meta['config']['seeds']} seeds)", fontsize=10)
+    fig.suptitle(fitted(f"{title}: accuracy vs heads (mean ± std over {meta['config']['seeds']} seeds)", fig, 10),
+                 fontsize=10)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(methods) + 1, fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     return save(fig, path, layout=False)
@@ -222,6 +224,12 @@ def plot_correlation(groups: list[str], weights: np.ndarray, label: str, path: P
     fig.colorbar(image, ax=ax, label="cosine similarity of adapted weights")
     ax.set_title(f"Similarity of groups' adapted weights\n{label}", fontsize=9)
     return save(fig, path)
+
+
+def fitted(text: str, fig: Any, fontsize: float) -> str:
+    """`text` wrapped to the figure's width (a one-panel figure is narrower than a long title)."""
+    per_line = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))  # ~0.6 em per character
+    return textwrap.fill(text, per_line)
 
 
 def save(fig: Any, path: Path, layout: bool = True) -> Path:

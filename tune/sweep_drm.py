@@ -51,6 +51,7 @@ from sweeps import (
     connect_ray,
     fit_or_restore,
     max_concurrent_trials,
+    refuse_existing_sweep,
     resume_command,
     save_head_set,
     stop_if_interrupted,
@@ -235,6 +236,7 @@ def main(
 
     try:
         sweep = load_config(DrmSweep, config, override or [])
+        refuse_existing_sweep(sweep.run, resume)
         data = load_data(sweep)
         connect_ray()
         param_space = {"heads": ray.tune.grid_search(sweep.heads),

@@ -39,6 +39,7 @@ from sweeps import (
     connect_ray,
     fit_or_restore,
     max_concurrent_trials,
+    refuse_existing_sweep,
     resume_command,
     save_head_set,
     stop_if_interrupted,
@@ -255,6 +256,7 @@ def main(
 
     try:
         sweep = load_config(VrmSweep, config, override or [])
+        refuse_existing_sweep(sweep.run, resume)
         points = explicit_points(sweep.points)
         if sweep.samples + len(points) == 0:
             raise ConfigError("samples", "is 0 and there are no points: the sweep would run nothing")

@@ -87,6 +87,14 @@ def max_concurrent_trials(per_trial: dict[str, float], configured: int | None) -
     return fits[scarcest]
 
 
+def refuse_existing_sweep(run: RunSettings, resume: bool) -> None:
+    """A new sweep refuses a folder that holds one already. The scripts ask right after reading their config,
+    before any data is read or Ray starts, so the refusal is immediate."""
+    if not resume and run.experiment_dir.exists():
+        raise ConfigError("run.name", f"{run.experiment_dir} holds a sweep already: pass --resume to continue it, "
+                                      "or choose another run.name")
+
+
 def fit_or_restore(run: RunSettings, trainable: Callable, *, resume: bool, param_space: dict[str, Any],
                    tune_config: Any, max_failures: int = 1):
     """`Tuner.fit` for a new sweep, or `Tuner.restore(...).fit()` to finish an interrupted one.
@@ -101,9 +109,7 @@ def fit_or_restore(run: RunSettings, trainable: Callable, *, resume: bool, param
         if not ray.tune.Tuner.can_restore(str(path)):
             raise ConfigError("--resume", f"no sweep to resume at {path}")
         return ray.tune.Tuner.restore(str(path), trainable, resume_errored=True).fit()
-    if path.exists():
-        raise ConfigError("run.name", f"{path} holds a sweep already: pass --resume to continue it, or choose "
-                                      "another run.name")
+    refuse_existing_sweep(run, resume)
     run_config = ray.tune.RunConfig(name=run.name, storage_path=str(path.parent),
                                     failure_config=ray.tune.FailureConfig(max_failures=max_failures))
     return ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()

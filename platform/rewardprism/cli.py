@@ -8,9 +8,10 @@ import typer
 
 from rewardprism.cli_common import fail
 from rewardprism.cli_drm import adapt, decompose, evaluate
+from rewardprism.cli_heads import heads_app
 from rewardprism.cli_pools import pools_app
 from rewardprism.cli_serve import serve as serve_command
-from rewardprism.cli_store import db_app, keys_app, models_app, users_app
+from rewardprism.cli_store import audit_app, db_app, keys_app, models_app, users_app
 from rewardprism.cli_train import train as train_command
 from rewardprism.data import DataError, DatasetSummary
 
@@ -21,6 +22,8 @@ app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(pools_app, name="pools")
+app.add_typer(audit_app, name="audit")
+app.add_typer(heads_app, name="heads")
 app.command("serve")(serve_command)
 app.command("train")(train_command)
 app.command()(decompose)
@@ -30,7 +33,7 @@ app.command()(evaluate)
 
 @app.callback()
 def main() -> None:
-    """Sub-commands: embed, decompose, adapt, evaluate, train, serve, db, users, keys, models, pools."""
+    """Sub-commands: embed, decompose, adapt, evaluate, train, serve, heads, db, users, keys, models, pools, audit."""
 
 
 @app.command()

@@ -5,6 +5,7 @@ Every job (`rewardprism train`, train_drm.py, the Tune sweeps, the demo) takes `
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Annotated, Any, NoReturn
 
@@ -16,6 +17,15 @@ def overrides(example: str) -> Any:
     return Annotated[list[str] | None, typer.Option(
         "--override", metavar="KEY=VALUE",
         help=f"set a config field, e.g. {example} (repeatable; values are YAML; a.b is field b of section a)")]
+
+
+def config_fields(cls: type) -> str:
+    """A `--help` epilog naming every field of a job's config dataclass with its default, the names
+    `--override` takes."""
+    def default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    fields = ", ".join(f"{f.name}={default(f)!r}" for f in dataclasses.fields(cls))
+    return f"Config fields (--override FIELD=VALUE, or the YAML file's keys), with their defaults: {fields}."
 
 
 def fail(message: str) -> NoReturn:

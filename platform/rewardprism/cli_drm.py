@@ -41,8 +41,10 @@ def decompose(
     calibrate: Annotated[bool, typer.Option(help="choose the default adaptation's hyperprior centre by "
                                                  "cross-fitting on the same pairs (reads them into memory)")] = True,
 ) -> None:
-    """Principal directions of preference differences as a head set (+PCs, −PCs, optional population head)."""
+    """Principal directions of preference differences as a head set (+PCs, −PCs, optional population head),
+    with a card per head (`rewardprism heads show OUT`)."""
     from rewardprism.calibrate import fit_head_set
+    from rewardprism.cards import head_cards, save_cards
     from rewardprism.data import split_record
     from rewardprism.drm import PreferenceDecomposition
     from rewardprism.drm_ray import decompose_folder
@@ -74,6 +76,13 @@ def decompose(
     if version is None:  # the version is not part of the content hash
         head_set = dataclasses.replace(head_set, version=head_set.content_hash[:8])
     head_set.save(out)
+    if chosen is None:  # decomposed from the shards: the cards need the pairs' features once
+        rows = np.arange(len(data)) if rows is None else rows
+        chosen, rejected = (features[rows] for features in data.load())
+    if pairs is None:
+        everything = data.pairs()
+        pairs = [everything[i] for i in rows]
+    save_cards(out, head_cards(head_set, chosen, rejected, pairs))
     typer.echo(json.dumps({"out": str(out), "head_set": f"{head_set.name}@{head_set.version}",
                            "heads": head_set.num_heads, "content_hash": head_set.content_hash,
                            "pairs": int(decomposition.n_samples_seen_), "backbone": head_set.backbone,

@@ -10,10 +10,10 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, NoReturn
@@ -24,6 +24,7 @@ import typer
 from sqlalchemy.orm import Session
 from typer.core import TyperGroup
 
+from rewardprism.cards import load_cards
 from rewardprism.store import (
     SCOPES,
     Feedback,
@@ -40,6 +41,7 @@ from rewardprism.store import (
     get_user,
     import_user,
     list_api_keys,
+    list_audit,
     list_head_sets,
     list_users,
     make_engine,
@@ -91,6 +93,7 @@ db_app = _group("The database schema (Alembic migrations).")
 users_app = _group("Users, their profiles and feedback.")
 keys_app = _group("API keys for clients and admins.")
 models_app = _group("The head-set registry: which saved heads are served.")
+audit_app = _group("The audit log: who changed or read out what, and when.")
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ def _connect(
     ctx.obj = _Admin(settings, actor or os.environ.get("RP_ACTOR") or getpass.getuser())
 
 
-for _sub in (db_app, users_app, keys_app, models_app):
+for _sub in (db_app, users_app, keys_app, models_app, audit_app):
     _sub.callback()(_connect)
 
 
@@ -305,21 +308,45 @@ def users_list(
     typer.echo(f"{shown} of {page.total}")
 
 
-def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, width: int = 30) -> list[str]:
-    """A one-line-per-60-heads sparkline of the whole vector, then the `top` heads by |weight| as bars."""
+def net_directions(names: Sequence[str], weights: Sequence[float]) -> list[tuple[str, float]]:
+    """(label, weight) per direction: a mirrored pair of heads (`+pc3`/`-pc3`, or `pc3+`/`pc3-`, whose scores
+    are each other's negatives) is one direction `pc3` with net weight w(+) − w(−); other heads as they are."""
+    index = {name: i for i, name in enumerate(names)}
+    out = []
+    for name, w in zip(names, weights):
+        base, sign = (name[1:], name[0]) if name[:1] in "+-" else (name[:-1], name[-1:])
+        plus, minus = (f"+{base}", f"-{base}") if name[:1] in "+-" else (f"{base}+", f"{base}-")
+        if sign in ("+", "-") and plus in index and minus in index:
+            if sign == "+":
+                out.append((base, weights[index[plus]] - weights[index[minus]]))
+        else:
+            out.append((name, w))
+    return out
+
+
+def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, width: int = 30,
+                  summaries: Mapping[str, str] | None = None) -> list[str]:
+    """A one-line-per-60-directions sparkline of the net weights, then the `top` directions by |net weight|
+    (those weighted 0 left out) as bars, each with the one-line summary of the card of the head it leans on."""
     ticks = "▁▂▃▄▅▆▇█"
-    low, high = min(weights), max(weights)
+    directions = net_directions(names, weights)
+    values = [w for _, w in directions]
+    low, high = min(values), max(values)
     span = (high - low) or 1.0
-    spark = "".join(ticks[round((w - low) / span * (len(ticks) - 1))] for w in weights)
+    spark = "".join(ticks[round((w - low) / span * (len(ticks) - 1))] for w in values)
     lines = [f"  {i:>4}  {spark[i:i + 60]}" for i in range(0, len(spark), 60)]
-    lines.append(f"        min {low:+.3f}  max {high:+.3f}")
-    largest = max(abs(w) for w in weights) or 1.0
-    ranked = sorted(range(len(weights)), key=lambda i: -abs(weights[i]))[:top]
-    label = max(len(names[i]) for i in ranked)
+    lines.append(f"        min {low:+.3f}  max {high:+.3f}  ({len(values)} directions: mirrored ±heads as one)")
+    largest = max(abs(w) for w in values) or 1.0
+    ranked = [i for i in sorted(range(len(values)), key=lambda i: -abs(values[i])) if values[i]][:top]
+    label = max((len(directions[i][0]) for i in ranked), default=0)
     for i in ranked:
-        bar = "█" * max(1, round(abs(weights[i]) / largest * width)) if weights[i] else ""
-        color = "green" if weights[i] >= 0 else "red"
-        lines.append(f"  {names[i]:<{label}}  {weights[i]:+.4f}  {typer.style(bar, fg=color)}")
+        name, w = directions[i]
+        bar = "█" * max(1, round(abs(w) / largest * width))
+        sign = "+" if w >= 0 else "-"
+        card = next((summaries[n] for n in (name, f"{sign}{name}", f"{name}{sign}") if n in summaries), "") \
+            if summaries else ""
+        lines.append(f"  {name:<{label}}  {w:+.4f}  {typer.style(bar.ljust(width), fg='green' if w >= 0 else 'red')}"
+                     + (f"  {sign}{name}: {card}" if card and name not in summaries else f"  {card}" if card else ""))
     return lines
 
 
@@ -327,9 +354,9 @@ def _weight_chart(names: Sequence[str], weights: Sequence[float], top: int, widt
 def users_show(
     ctx: typer.Context,
     external_id: Annotated[str, typer.Argument()],
-    top: Annotated[int, typer.Option(min=1, help="how many heads to name")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="how many directions to name")] = 5,
 ) -> None:
-    """Show a user and their profile: the weight vector as a bar chart, with the strongest heads named."""
+    """Show a user and their profile: the net weight of each direction as a chart, the strongest named."""
     with _transaction(ctx) as session:
         user = get_user(session, external_id)
         pairs = session.scalar(sa.select(sa.func.count(Feedback.id)).where(Feedback.user_id == user.id))
@@ -347,9 +374,35 @@ def users_show(
     typer.echo(f"profile  {heads.label} ({heads.kind}, {heads.num_heads} heads), "
                f"method {profile.method}, {profile.n_pairs} pairs, version {profile.version}, "
                f"bias {profile.bias:+.4f}, updated {_when(profile.updated_at)}")
-    typer.echo("weights")
-    for line in _weight_chart(heads.head_names, profile.weights, top):
+    typer.echo("net weights")
+    cards = load_cards(heads.uri) if Path(heads.uri).is_dir() else None  # `rewardprism heads show` explains them
+    summaries = {name: card.summary for name, card in cards.items()} if cards else None
+    for line in _weight_chart(heads.head_names, profile.weights, top, summaries=summaries):
         typer.echo(line)
+
+
+@users_app.command("history")
+def users_history(
+    ctx: typer.Context,
+    external_id: Annotated[str, typer.Argument()],
+    limit: Annotated[int, typer.Option(min=1, help="audit entries shown, newest first")] = 50,
+) -> None:
+    """A user's profiles (one per head-set version: method, pairs, version, when) and the audit log about them.
+
+    Each profile row holds its latest weights only; earlier versions of a profile are not stored, so the audit
+    entries (who set, reset, imported or exported, with the version made) are its history.
+    """
+    with _transaction(ctx) as session:
+        user = get_user(session, external_id)
+        profiles = sorted(user.profiles, key=lambda p: (p.updated_at, p.id), reverse=True)
+        rows = [("*" if p.head_set.active else "", p.head_set.label, p.method, p.n_pairs, p.version,
+                 _when(p.created_at), _when(p.updated_at)) for p in profiles]
+        audit = [(_when(e.created_at), e.actor, e.action, json.dumps(e.details, ensure_ascii=False))
+                 for e in list_audit(session, target=external_id, limit=limit)]
+    typer.echo(f"profiles of {external_id} ('*': over the active version of its head set)")
+    _table(("", "head set", "method", "pairs", "version", "created", "updated"), rows)
+    typer.echo("audit log")
+    _table(("when", "actor", "action", "details"), audit)
 
 
 @users_app.command("set-weights")
@@ -666,3 +719,35 @@ def models_register(
         _audit(ctx, session, "models.register", row.label, content_hash=row.content_hash, active=row.active)
     active = " - active" if row.active else ""
     typer.echo(f"registered {row.label} ({row.kind}, {row.num_heads} heads){active}")
+
+
+# ---------------------------------------------------------------------------------------------- audit
+
+
+def _since(value: str | None) -> datetime | None:
+    """--since: an ISO date or time (UTC unless it names a zone), or an age such as 30m, 12h, 7d."""
+    if value is None:
+        return None
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if value[:-1].isdigit() and value[-1:] in units:
+        return datetime.now(timezone.utc) - timedelta(**{units[value[-1]]: int(value[:-1])})
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since: {value!r} is neither an ISO date/time (2026-12-04, 2026-12-04T16:00) nor an age (30m, "
+              "12h, 7d)")
+
+
+@audit_app.command("list")
+def audit_list(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option(help="only entries about this user (external id)")] = None,
+    since: Annotated[str | None, typer.Option(help="from this ISO date/time (UTC) or age (30m, 12h, 7d) on")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="newest entries shown")] = 50,
+) -> None:
+    """The audit log, newest first: when, who, what, about whom, and the details recorded."""
+    start = _since(since)
+    with _transaction(ctx) as session:
+        rows = [(_when(e.created_at), e.actor, e.action, e.target, json.dumps(e.details, ensure_ascii=False))
+                for e in list_audit(session, target=user, since=start, limit=limit)]
+    _table(("when", "actor", "action", "target", "details"), rows)

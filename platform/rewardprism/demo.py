@@ -20,6 +20,9 @@ An entry point, not library: it starts a store and the Serve app of serve_apps (
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 import time
@@ -63,8 +66,6 @@ class DemoConfig:
 def quiet_ray() -> None:
     """The demo reads as a story: Ray Data's execution INFO lines and per-operator progress blocks, and the
     driver's Ray INFO logs, are off; the embedding shows its own bar (pairs, tokens/s, ETA)."""
-    import logging
-
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -153,7 +154,8 @@ def start_service(url: str, backbone: str, port: int) -> None:
     from serve_apps.local import app_config, run_config
 
     env = {"DATABASE_URL": url, "RP_BACKBONE": backbone, "RP_HEAD_SET": "demo"}
-    run_config(port, app_config("rewardprism", "/", env, num_cpus={"Embedder": 1, "Ingress": 0.2}))
+    with contextlib.redirect_stdout(io.StringIO()):  # `serve run`'s own INFO lines; a failure still raises
+        run_config(port, app_config("rewardprism", "/", env, num_cpus={"Embedder": 1, "Ingress": 0.2}))
     print(f"    scoring service up at http://127.0.0.1:{port} (OpenAPI: /docs)")
 
 
@@ -176,7 +178,8 @@ def main(
     import ray
     from ray import serve
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own cluster, always
+    # its own cluster, always; its start-up INFO lines off (quiet_ray: the rest of Ray's chatter)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     quiet_ray()
     generator = SyntheticGenerator(seed=0, sharpness=SHARPNESS)
     print(f"[1] {len(DEFAULT_USERS)} simulated users: " + ", ".join(u.name for u in DEFAULT_USERS))

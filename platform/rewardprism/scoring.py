@@ -89,9 +89,12 @@ class Contribution:
 
 def explain(head_scores: np.ndarray, weights: np.ndarray, head_names: list[str],
             top: int | None = None) -> list[Contribution]:
-    """Each head's part of one response's score, largest |contribution| first (the `top` first, or all)."""
+    """Each head's part of one response's score, largest |contribution| first: all of them (they sum to the
+    score less the bias), or the `top` first among those that contribute (a head weighted 0 explains nothing)."""
     parts = np.asarray(head_scores, dtype=np.float64) * weights  # (H,)
-    order = np.argsort(-np.abs(parts), kind="stable")[:top]
+    order = np.argsort(-np.abs(parts), kind="stable")
+    if top is not None:
+        order = order[parts[order] != 0][:top]
     return [Contribution(head_names[h], float(head_scores[h]), float(weights[h]), float(parts[h])) for h in order]
 
 

@@ -13,7 +13,7 @@ and head-set version, and feedback), `head_sets`, `keys`, `audit`, `revocation` 
 `idempotency`, `pools` (pairs to ask users about), and `export` across them; `rollout` migrates profiles onto
 a new version. Schema changes go through Alembic (`rewardprism db upgrade`).
 """
-from rewardprism.store.audit import record_audit
+from rewardprism.store.audit import list_audit, record_audit
 from rewardprism.store.config import DEFAULT_URL, Limits, StoreSettings, missing_sqlite_file, safe_url
 from rewardprism.store.engine import commit_with_retry, make_engine, make_sessions
 from rewardprism.store.errors import (
@@ -96,7 +96,7 @@ __all__ = [
     "StoreSettings", "User", "UserDeleted", "UserDisabled", "activate_head_set", "answered_positions",
     "append_feedback_and_update_profile", "auth_epoch", "check_feedback_pair", "commit_with_retry", "create_api_key",
     "create_user", "delete_user", "export_user", "feedback_of", "get_head_set", "get_or_create_user", "get_profile",
-    "get_query_pool", "get_user", "import_user", "list_api_keys", "list_feedback", "list_head_sets",
+    "get_query_pool", "get_user", "import_user", "list_api_keys", "list_audit", "list_feedback", "list_head_sets",
     "list_query_pools", "list_users", "lock_active_key", "make_engine", "make_sessions", "missing_sqlite_file",
     "pool_gaps", "pool_pairs", "pool_query_id", "record_audit", "register_head_set", "register_query_pool",
     "reset_profile", "revoke_api_key", "safe_url", "save_profile", "set_user_disabled", "upgrade_api_key_hash",

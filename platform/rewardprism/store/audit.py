@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from rewardprism.store import checks
@@ -33,3 +35,20 @@ def record_audit(
     session.add(entry)
     session.flush()
     return entry
+
+
+def list_audit(session: Session, *, target: str | None = None, since: datetime | None = None,
+               limit: int = 100) -> list[AuditEntry]:
+    """Entries newest first: those about `target` (a user's external id, a key prefix, `name@version`) only, and
+    from `since` on (UTC unless it names a zone), when given."""
+    query = sa.select(AuditEntry).order_by(AuditEntry.created_at.desc(), AuditEntry.id.desc()).limit(limit)
+    if target is not None:
+        query = query.where(AuditEntry.target == target)
+    if since is not None:
+        try:
+            since = since.astimezone(timezone.utc) if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        except OverflowError:  # a zone offset past year 1 or 9999: before or after every entry
+            since = datetime.min.replace(tzinfo=timezone.utc) if since.year < 5000 else \
+                datetime.max.replace(tzinfo=timezone.utc)
+        query = query.where(AuditEntry.created_at >= since)
+    return list(session.scalars(query))
