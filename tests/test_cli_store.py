@@ -138,7 +138,7 @@ def test_users_on_postgres(postgres_url: str, headset_dir: Path) -> None:
     ok(rp(postgres_url, "users", "create", user, "--name", "Postgres User"))
     ok(rp(postgres_url, "users", "set-weights", user, json.dumps([0.1, 0.2, 0.3, -0.1, -0.2, -0.6])))
     shown = ok(rp(postgres_url, "users", "show", user, "--top", "1"))
-    assert "version 1" in shown and "pc2-  -0.6000" in shown
+    assert "version 1" in shown and "pc2  +0.9000" in shown  # net of pc2+ (+0.3) and pc2- (-0.6)
     listing = ok(rp(postgres_url, "users", "list", "--search", user))
     assert user in listing and "drm-cli@1" in listing and "1-1 of 1" in listing
 
