@@ -25,14 +25,6 @@ step "$RUNS/gpt4-pop/on-turbo.md" rewardprism evaluate --embeddings "$T" --heads
   --methods hyre,default,bt --out "$RUNS/gpt4-pop/on-turbo.md"
 step "$RUNS/turbo-pop/on-gpt4.md" rewardprism evaluate --embeddings "$G" --heads "$RUNS/turbo-pop" \
   --methods hyre,default,bt --out "$RUNS/turbo-pop/on-gpt4.md"
-for item in "${both[@]}"; do
-  read -r j own other <<<"$item"
-  step "$RUNS/$j-pcs/headset.json" rewardprism decompose --embeddings "$own" --no-population-head --out "$RUNS/$j-pcs"
-  step "$RUNS/$j-pcs/report.md" rewardprism evaluate --embeddings "$own" --heads "$RUNS/$j-pcs" --adapt-from "$other" \
-    --out "$RUNS/$j-pcs/report.md"
-  step "$RUNS/$j-pcs/report-zero-prior.md" rewardprism evaluate --embeddings "$own" --heads "$RUNS/$j-pcs" \
-    --adapt-from "$other" --no-prior --out "$RUNS/$j-pcs/report-zero-prior.md"
-done
 if [ -n "${H:-}" ]; then
   for kind in pop pcs; do
     flag=$([ $kind = pcs ] && echo --no-population-head || true)
@@ -41,6 +33,14 @@ if [ -n "${H:-}" ]; then
       --out "$RUNS/hh-$kind/report.md"
   done
 fi
+for item in "${both[@]}"; do
+  read -r j own other <<<"$item"
+  step "$RUNS/$j-pcs/headset.json" rewardprism decompose --embeddings "$own" --no-population-head --out "$RUNS/$j-pcs"
+  step "$RUNS/$j-pcs/report.md" rewardprism evaluate --embeddings "$own" --heads "$RUNS/$j-pcs" --adapt-from "$other" \
+    --out "$RUNS/$j-pcs/report.md"
+  step "$RUNS/$j-pcs/report-zero-prior.md" rewardprism evaluate --embeddings "$own" --heads "$RUNS/$j-pcs" \
+    --adapt-from "$other" --no-prior --out "$RUNS/$j-pcs/report-zero-prior.md"
+done
 # synthetic users (§6); SYNTHETIC= skips it. Locally: Ray tasks give bit-identical decompositions (§"method")
 if [ -n "${SYNTHETIC-1}" ]; then
   step runs/drm-synthetic/report.md python train_drm.py --config configs/drm_synthetic.yaml --override use_ray=false
