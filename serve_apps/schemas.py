@@ -171,6 +171,8 @@ class Contribution(BaseModel):
     head_score: float
     weight: float
     contribution: float
+    summary: str | None = Field(None, description="what the head means, in one line: its card (`GET /v1/heads`); "
+                                                  "null when the head set has no cards")
 
 
 class ScoredResponse(BaseModel):

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -145,6 +145,12 @@ class ServedHeads:
     row_id: int
     label: str  # name@version
     ref: HeadSetRef
+    summaries: dict[str, str] = field(default_factory=dict)  # head → its card's one line (`rewardprism.cards`)
+
+
+def _load_heads(uri: str) -> tuple[HeadSet, dict[str, Any] | None]:
+    """The head set saved at `uri`, and its cards when it has them (a local folder with cards.json)."""
+    return HeadSet.load(uri), load_cards(uri) if Path(uri).is_dir() else None
 
 
 class Metrics(Protocol):
@@ -268,10 +274,11 @@ class ScoringService:
         if row is None:
             self.served = None
         elif self.served is None or self.served.row_id != row.id:
-            heads = await asyncio.get_running_loop().run_in_executor(self.db, HeadSet.load, row.uri)
+            heads, cards = await asyncio.get_running_loop().run_in_executor(self.db, _load_heads, row.uri)
             if heads.content_hash != row.content_hash:
                 raise ValueError(f"head set {row.label} at {row.uri} changed after registration")
-            self.served = ServedHeads(heads, row.id, row.label, HeadSetRef(row.uri, row.content_hash))
+            self.served = ServedHeads(heads, row.id, row.label, HeadSetRef(row.uri, row.content_hash),
+                                      {name: card.summary for name, card in (cards or {}).items()})
             log.info("serving head set %s (%d heads)", row.label, heads.num_heads)
 
     # ------------------------------------------------------------------------------------------ database
@@ -489,7 +496,7 @@ class ScoringService:
         scored = [
             schemas.ScoredResponse(
                 index=i, score=float(result.scores[i]), truncated=result.truncated[i],
-                explanation=[schemas.Contribution(**vars(c)) for c in
+                explanation=[schemas.Contribution(**vars(c), summary=served.summaries.get(c.head)) for c in
                              explain(result.head_scores[i], profile.weights, names, request.explain_top)]
                 if request.explain else None)
             for i in range(len(request.responses))

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import uvicorn
 from rewardprism.cards import load_cards
 from rewardprism.cli import app
+from rewardprism.scoring import ScoredJob, ScoreJob
 from test_evaluate import linear_synthetic, write_embedding_folder
 from typer.testing import CliRunner
 
@@ -22,6 +24,12 @@ from serve_apps.service import ScoringService
 from serve_apps.settings import ServeSettings
 
 ADMIN_KEY = secrets.token_hex(32)
+
+
+async def fixed_head_scores(ref, job: ScoreJob) -> ScoredJob:
+    """The Embedder's answer without a backbone: head scores 1, 2, 3, ... for every text."""
+    head_scores = np.tile(np.arange(1.0, len(job.weights) + 1), (len(job.items), 1))
+    return ScoredJob([False] * len(job.items), head_scores @ job.weights + job.bias, head_scores)
 
 
 class NoMetrics:
@@ -49,8 +57,8 @@ def test_audit_and_history_over_http(tmp_path: Path) -> None:
 
     def run() -> None:  # the service loads the active head set `h` at start, as a replica does
         async def main() -> None:
-            scoring = ScoringService(ServeSettings(database_url=url, admin_key=ADMIN_KEY, head_set="h"), None,
-                                     NoMetrics())
+            scoring = ScoringService(ServeSettings(database_url=url, admin_key=ADMIN_KEY, head_set="h"),
+                                     fixed_head_scores, NoMetrics())
             await scoring.start()
             running["server"] = uvicorn.Server(uvicorn.Config(create_api(scoring), host="127.0.0.1", port=port,
                                                               log_level="warning"))
@@ -90,6 +98,11 @@ def test_audit_and_history_over_http(tmp_path: Path) -> None:
         assert served["heads"][1]["summary"] == cards["+pc0"].summary and served["heads"][1]["highest"] is None
         with_pairs = http.get("/v1/heads", params={"excerpts": "true"}).json()
         assert with_pairs["heads"][1]["highest"][0]["chosen"] == cards["+pc0"].highest[0]["chosen"]
+        # alice's weights [1, 0, 0, 0, 0]: the explanation names the one head that contributes, with its card
+        scored = http.post("/v1/score", json={"user_id": "alice", "prompt": "p", "responses": ["r"],
+                                              "explain": True, "explain_top": 3}).json()
+        assert [(c["head"], c["summary"]) for c in scored["scores"][0]["explanation"]] == [
+            ("population", cards["population"].summary)]
     finally:
         running["server"].should_exit = True
         thread.join(10)

@@ -350,3 +350,18 @@ def test_accuracy_vs_heads_title_fits_a_one_panel_figure(tmp_path, monkeypatch):
     renderer = fig.canvas.get_renderer()
     title, frame = fig._suptitle.get_window_extent(renderer), fig.bbox
     assert frame.x0 <= title.x0 and title.x1 <= frame.x1 and title.y1 <= frame.y1, (title, frame)
+
+
+def test_a_driver_that_joins_a_cluster_passes_its_address_to_every_worker(ray_cluster):
+    """What the recipes and sweeps run first (`rewardprism.recipes.connect_ray`): the workers of a job that joined
+    RAY_ADDRESS see it too, so Ray Train's own helpers inside them find that cluster (not "multiple active Ray
+    instances" on a host running several)."""
+    code = ("import os, ray\nfrom rewardprism.recipes import connect_ray\n"
+            "assert connect_ray({'RP_PROBE': 'yes'})\n"
+            "@ray.remote(num_cpus=0)\ndef env():\n"
+            "    return os.environ.get('RAY_ADDRESS'), os.environ.get('RP_PROBE')\n"
+            "print(ray.get(env.remote()))\n")
+    env = driver_env(ray_cluster)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str((env["RAY_ADDRESS"], "yes"))

@@ -42,13 +42,13 @@ from rewardprism.drm import PreferenceDecomposition, fit_population_head
 from rewardprism.embed import EmbeddingSet
 from rewardprism.evaluate import Split
 from rewardprism.heads import HeadSet
+from rewardprism.recipes import connect_ray
 from sweeps import (
     BEST_DIR,
     NoTrialFinished,
     Resume,
     RunSettings,
     best_or_exit,
-    connect_ray,
     fit_or_restore,
     max_concurrent_trials,
     refuse_existing_sweep,

@@ -28,6 +28,7 @@ from report import finish
 from rewardprism.cli_common import fail, overrides
 from rewardprism.config import ConfigError, from_dict, load_config, set_field
 from rewardprism.data import DataError
+from rewardprism.recipes import connect_ray
 from rewardprism.recipes.vrm import VrmConfig, VrmRecipe, exported_model, total_steps
 from rewardprism.train_data import prepare_data
 from sweeps import (
@@ -36,7 +37,6 @@ from sweeps import (
     Resume,
     RunSettings,
     best_or_exit,
-    connect_ray,
     fit_or_restore,
     max_concurrent_trials,
     refuse_existing_sweep,

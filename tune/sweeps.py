@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,21 +49,6 @@ class RunSettings:
     @property
     def experiment_dir(self) -> Path:
         return output_path(self.storage_path, "run.storage_path") / self.name
-
-
-def connect_ray() -> None:
-    """Join RAY_ADDRESS or a `ray start` cluster on this machine, else start a local one.
-
-    The address the driver joined is passed on to every worker of the job: Ray Train's placement-group cleaner,
-    which frees the workers of a trial that ASHA stopped, looks its cluster up by RAY_ADDRESS from inside it,
-    and on a host running several Ray clusters finds none without it — the stopped trial's CPUs never return.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(runtime_env={"env_vars": {"RAY_ADDRESS": address}} if address else None)
 
 
 def max_concurrent_trials(per_trial: dict[str, float], configured: int | None) -> int:

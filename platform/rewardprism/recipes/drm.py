@@ -26,6 +26,7 @@ from rewardprism.data import PreferencePair, is_data_file, iter_pairs
 from rewardprism.drm_ray import decompose_folder
 from rewardprism.embed import EmbeddingSet
 from rewardprism.evaluate import Split, drm_report, to_markdown
+from rewardprism.recipes import connect_ray
 from rewardprism.sources import open_dataset
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,7 @@ class DrmRecipe:
         if c.adapt_from is not None and not (Path(c.adapt_from) / "index.json").exists():
             raise ConfigError("adapt_from", f"{c.adapt_from} is not an embedding folder; embed it first")
         if c.use_ray:
-            import ray
-
-            self.started_ray = not ray.is_initialized()
-            ray.init(ignore_reinit_error=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+            self.started_ray = connect_ray({"TOKENIZERS_PARALLELISM": "false"})
 
     def pairs(self) -> Iterator[PreferencePair]:
         """The dataset as a stream (a folder cut to its first `dataset_files` files, sorted)."""

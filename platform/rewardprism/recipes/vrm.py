@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rewardprism.config import ConfigError, output_path
+from rewardprism.recipes import connect_ray
 from rewardprism.train_data import DataConfig, prepare_data
 from rewardprism.train_eval import evaluate_model
 from rewardprism.train_worker import EXPORT_DIR, StepHook, TrainConfig, ray_dataset, train_loop_per_worker
@@ -160,13 +161,11 @@ class VrmRecipe:
                  self.total_steps, time.perf_counter() - start)
 
     def train(self) -> None:
-        import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         cfg = self.config
-        if not ray.is_initialized():
-            ray.init()  # joins RAY_ADDRESS or a `ray start` cluster on this machine, else starts a local one
+        if connect_ray():  # joins RAY_ADDRESS or a `ray start` cluster on this machine, else starts a local one
             self.started_ray = True
         trainer = TorchTrainer(
             train_loop_per_worker,
