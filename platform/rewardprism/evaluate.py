@@ -244,6 +244,10 @@ def drm_report(data: Split, heads: HeadSet, *, n_values: Sequence[int] = (5, 15,
     return report
 
 
+# The smallest population → supervised gap (accuracy) whose shares `drm_report` prints.
+MIN_GAP = 0.005
+
+
 def _gap_recovered(rows: list[dict[str, Any]], variant: str = "honest") -> dict[str, float]:
     """(adapted − population) / (supervised − population), overall, for each adapted same-annotator row and for
     the one profile over the heads fitted on every training pair (how much of the gap a pooled profile holds).
@@ -255,7 +259,7 @@ def _gap_recovered(rows: list[dict[str, Any]], variant: str = "honest") -> dict[
     overall = {row["label"]: row[variant]["overall"][0] for row in rows if row[variant]}
     population = overall["population profile (no feedback)"]
     supervised = next(v for k, v in overall.items() if k.startswith("supervised"))
-    if supervised <= population:
+    if supervised - population < MIN_GAP:  # shares of a gap this small are noise (HH-RLHF: ±45 of a 0.1-point gap)
         return {}
     return {k: (v - population) / (supervised - population) for k, v in overall.items()
             if (" n=" in k and "random" not in k and "other" not in k) or k.startswith("best profile")}
