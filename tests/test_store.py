@@ -58,8 +58,10 @@ from rewardprism.store import (
     make_engine,
     make_sessions,
     migrate,
+    pool_pairs,
     record_audit,
     register_head_set,
+    register_query_pool,
     revoke_api_key,
     safe_url,
     save_profile,
@@ -674,6 +676,16 @@ def test_one_active_version_per_head_set_name(seeded: Store) -> None:
     # The database itself refuses a second active version, whatever the code does.
     with pytest.raises(sa.exc.IntegrityError), seeded.sessions.begin() as s:
         s.execute(sa.update(HeadSetRow).values(active=True))
+
+
+def test_a_query_id_beyond_32_bits_names_no_pool_pair(seeded: Store) -> None:
+    """Feedback may cite pool:<id>:<position> with up to 10 digits each: Postgres refused one past 2³¹ (a 500)."""
+    with seeded.sessions.begin() as s:
+        pool = register_query_pool(s, get_head_set(s, "drm-test"), "p", [("q", "a", "b")], np.ones((1, len(HEADS))))
+        pool_id = pool.id
+    with seeded.sessions() as s:
+        assert list(pool_pairs(s, pool_id, [0])) == [0]
+        assert pool_pairs(s, 9_999_999_999, [0]) == {} and pool_pairs(s, pool_id, [9_999_999_999, 0]).keys() == {0}
 
 
 # ---------------------------------------------------------------------------------------------- API keys
