@@ -688,6 +688,16 @@ def test_a_query_id_beyond_32_bits_names_no_pool_pair(seeded: Store) -> None:
         assert pool_pairs(s, 9_999_999_999, [0]) == {} and pool_pairs(s, pool_id, [9_999_999_999, 0]).keys() == {0}
 
 
+def test_an_import_refuses_a_query_id_the_service_never_hands_out(seeded: Store) -> None:
+    """Feedback citing "pool:1:x" once imported made every query on pool 1 fail parsing it (a 500)."""
+    for bad in ("pool:1:x", "pool:1:2:3", "resp:xyz", "whatever"):
+        export = {**EXPORT, "profile": None, "feedback": [{"prompt": "p", "chosen": "c", "rejected": "r",
+                                                           "source": "api", "query_id": bad,
+                                                           "created_at": "2025-06-01T12:30:00+00:00"}]}
+        with seeded.sessions() as s, pytest.raises(InvalidInput, match=r"feedback\[0\]: query_id"):
+            import_user(s, export)
+
+
 # ---------------------------------------------------------------------------------------------- API keys
 
 
