@@ -663,7 +663,7 @@ class ScoringService:
         if pool is None:
             return QueryState(history, None, set())
         found = store.get_query_pool(session, session.get(store.HeadSetRow, served.row_id), pool)
-        return QueryState(history, found.id, store.answered_positions(session, row, found.id))
+        return QueryState(history, found.id, store.answered_positions(session, row, found))
 
     async def _check_query_ids(self, pairs: Sequence[FeedbackPair]) -> None:
         """Every cited query id must name its pair: a response query its hash, a pool query the stored pair."""

@@ -41,6 +41,7 @@ from rewardprism.store import (
     StoreSettings,
     UserDisabled,
     activate_head_set,
+    answered_positions,
     append_feedback_and_update_profile,
     commit_with_retry,
     create_api_key,
@@ -50,6 +51,7 @@ from rewardprism.store import (
     get_head_set,
     get_or_create_user,
     get_profile,
+    get_query_pool,
     get_user,
     import_user,
     list_feedback,
@@ -696,6 +698,19 @@ def test_an_import_refuses_a_query_id_the_service_never_hands_out(seeded: Store)
                                                            "created_at": "2025-06-01T12:30:00+00:00"}]}
         with seeded.sessions() as s, pytest.raises(InvalidInput, match=r"feedback\[0\]: query_id"):
             import_user(s, export)
+
+
+def test_answered_positions_ignore_an_imported_citation_past_the_pool(seeded: Store) -> None:
+    """Feedback imported from another database may cite a position this pool lacks: the service indexed its
+    mask of asked pairs with it (IndexError, a 500 on every query of that user on the pool)."""
+    with seeded.sessions.begin() as s:
+        pool = register_query_pool(s, get_head_set(s, "drm-test"), "p", [("q", "a", "b")], np.ones((1, len(HEADS))))
+        cited = [{"prompt": "q", "chosen": "a", "rejected": "b", "source": "api", "query_id": f"pool:{pool.id}:{i}",
+                  "created_at": "2025-06-01T12:30:00+00:00"} for i in (0, 7)]
+        import_user(s, {**EXPORT, "profile": None, "feedback": cited})
+    with seeded.sessions() as s:
+        pool = get_query_pool(s, get_head_set(s, "drm-test"), "p")
+        assert answered_positions(s, get_user(s, "bob"), pool) == {0}
 
 
 # ---------------------------------------------------------------------------------------------- API keys

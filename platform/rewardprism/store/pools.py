@@ -94,11 +94,12 @@ def pool_pairs(session: Session, pool_id: int, positions: Sequence[int]) -> dict
     return {row.position: row for row in rows}
 
 
-def answered_positions(session: Session, user: User | None, pool_id: int) -> set[int]:
-    """Positions of the pool's pairs this user has already labelled (feedback citing their query ids)."""
+def answered_positions(session: Session, user: User | None, pool: QueryPool) -> set[int]:
+    """Positions of the pool's pairs this user has already labelled (feedback citing their query ids); an
+    imported citation past the pool's end (another database's pool) is none of them."""
     if user is None:
         return set()
-    prefix = f"pool:{pool_id}:"
+    prefix = f"pool:{pool.id}:"
     cited = session.scalars(sa.select(Feedback.query_id).where((Feedback.user_id == user.id)
                                                                & Feedback.query_id.startswith(prefix)))
-    return {int(q[len(prefix):]) for q in cited}
+    return {position for q in cited if (position := int(q[len(prefix):])) < pool.size}
