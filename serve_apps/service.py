@@ -628,6 +628,13 @@ class ScoringService:
             exclude = np.zeros(len(gaps), bool)
             exclude[sorted(state.answered)] = True
         else:
+            if len(request.responses) > self.settings.max_responses:  # as a score request: one forward pass each
+                raise ApiError(422, f"at most {self.settings.max_responses} responses per request, "
+                                    f"got {len(request.responses)}", ["responses"])
+            first = {}
+            for i, response in enumerate(request.responses):
+                if first.setdefault(response, i) != i:  # a pair of one response twice asks nothing
+                    raise ApiError(422, f"responses[{i}] repeats responses[{first[response]}]", [f"responses[{i}]"])
             items = [(request.conversation, r) for r in request.responses]
             result = await self.embed(served.ref, ScoreJob(items, served.heads.default_weights, 0.0,
                                                            self.settings.over_length == "reject"))
