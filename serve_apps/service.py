@@ -674,10 +674,13 @@ class ScoringService:
 
     async def _check_query_ids(self, pairs: Sequence[FeedbackPair]) -> None:
         """Every cited query id must name its pair: a response query its hash, a pool query the stored pair."""
-        cited = {}
+        cited, first = {}, {}
         for i, pair in enumerate(pairs):
             if pair.query_id is None:
                 continue
+            if first.setdefault(pair.query_id, i) != i:  # one answer per query: twice would count it twice
+                raise ApiError(422, f"cites the same query as pairs[{first[pair.query_id]}]",
+                               [f"pairs[{i}].query_id"])
             if pair.query_id.startswith("resp:"):
                 if pair.query_id != response_query_id(pair.prompt, pair.chosen, pair.rejected):
                     raise ApiError(422, "query_id does not name this prompt and these two responses",

@@ -275,6 +275,8 @@ def test_queries_among_sent_responses_and_feedback_citing_them(service, backbone
         wrong = {**answer, "query_id": other["query_id"]}  # cites a question about another pair
         refused = http.post(f"/v1/users/{user}/feedback", json={"pairs": [wrong]})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "pairs", 0, "query_id"]
+        twice = http.post(f"/v1/users/{user}/feedback", json={"pairs": [answer, answer]})
+        assert twice.status_code == 422 and twice.json()["detail"][0]["loc"] == ["body", "pairs", 1, "query_id"]
         second = http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": responses, "k": 2}).json()
         labelled = [{"prompt": prompt, "chosen": query["b"], "rejected": query["a"]}]
         assert second["labelled"] == 1
