@@ -692,7 +692,7 @@ def test_a_query_id_beyond_32_bits_names_no_pool_pair(seeded: Store) -> None:
 
 def test_an_import_refuses_a_query_id_the_service_never_hands_out(seeded: Store) -> None:
     """Feedback citing "pool:1:x" once imported made every query on pool 1 fail parsing it (a 500)."""
-    for bad in ("pool:1:x", "pool:1:2:3", "resp:xyz", "whatever"):
+    for bad in ("pool:1:x", "pool:1:2:3", "resp:xyz", "whatever", "pool:01:7"):  # 01: not found as pool 1's
         export = {**EXPORT, "profile": None, "feedback": [{"prompt": "p", "chosen": "c", "rejected": "r",
                                                            "source": "api", "query_id": bad,
                                                            "created_at": "2025-06-01T12:30:00+00:00"}]}

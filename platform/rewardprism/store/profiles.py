@@ -26,7 +26,7 @@ from rewardprism.store.models import (
 )
 from rewardprism.store.users import get_user
 
-QUERY_ID = re.compile(r"(pool:[0-9]{1,10}:[0-9]{1,10}|resp:[0-9a-f]{40})\Z")  # as serve_apps.schemas.QueryId
+QUERY_ID = re.compile(r"(pool:(0|[1-9][0-9]{0,9}):(0|[1-9][0-9]{0,9})|resp:[0-9a-f]{40})\Z")  # as schemas.QueryId
 
 
 @dataclass(frozen=True)
