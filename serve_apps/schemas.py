@@ -87,7 +87,9 @@ class CompareRequest(Conversation):
     b: Text
 
 
-QueryId = Annotated[str, StringConstraints(pattern=r"^(pool:[0-9]{1,10}:[0-9]{1,10}|resp:[0-9a-f]{40})$")]
+# one spelling per query (no leading zeros): the pairs a user answered are found by their id's prefix
+NUMBER = "(0|[1-9][0-9]{0,9})"
+QueryId = Annotated[str, StringConstraints(pattern=rf"^(pool:{NUMBER}:{NUMBER}|resp:[0-9a-f]{{40}})$")]
 
 
 class PairIn(Conversation):

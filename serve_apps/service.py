@@ -637,6 +637,13 @@ class ScoringService:
             exclude = np.zeros(len(gaps), bool)
             exclude[sorted(state.answered)] = True
         else:
+            if len(request.responses) > self.settings.max_responses:  # as a score request: one forward pass each
+                raise ApiError(422, f"at most {self.settings.max_responses} responses per request, "
+                                    f"got {len(request.responses)}", ["responses"])
+            first = {}
+            for i, response in enumerate(request.responses):
+                if first.setdefault(response, i) != i:  # a pair of one response twice asks nothing
+                    raise ApiError(422, f"responses[{i}] repeats responses[{first[response]}]", [f"responses[{i}]"])
             items = [(request.conversation, r) for r in request.responses]
             result = await self.embed(served.ref, ScoreJob(items, served.heads.default_weights, 0.0,
                                                            self.settings.over_length == "reject"))
@@ -672,14 +679,17 @@ class ScoringService:
         if pool is None:
             return QueryState(history, None, set())
         found = store.get_query_pool(session, session.get(store.HeadSetRow, served.row_id), pool)
-        return QueryState(history, found.id, store.answered_positions(session, row, found.id))
+        return QueryState(history, found.id, store.answered_positions(session, row, found))
 
     async def _check_query_ids(self, pairs: Sequence[FeedbackPair]) -> None:
         """Every cited query id must name its pair: a response query its hash, a pool query the stored pair."""
-        cited = {}
+        cited, first = {}, {}
         for i, pair in enumerate(pairs):
             if pair.query_id is None:
                 continue
+            if first.setdefault(pair.query_id, i) != i:  # one answer per query: twice would count it twice
+                raise ApiError(422, f"cites the same query as pairs[{first[pair.query_id]}]",
+                               [f"pairs[{i}].query_id"])
             if pair.query_id.startswith("resp:"):
                 if pair.query_id != response_query_id(pair.prompt, pair.chosen, pair.rejected):
                     raise ApiError(422, "query_id does not name this prompt and these two responses",

@@ -276,6 +276,24 @@ def test_decompose_without_a_version_never_collides_on_register(tmp_path: Path) 
     assert labels[0] != labels[1]
 
 
+def test_pools_register_refuses_features_holding_nan_naming_the_option(tmp_path: Path) -> None:
+    from test_evaluate import linear_synthetic, write_embedding_folder
+
+    data = linear_synthetic(per_user=20)
+    write_embedding_folder(tmp_path / "emb", data)
+    data.chosen[3, 2] = np.nan
+    write_embedding_folder(tmp_path / "nan", data)
+    url = f"sqlite:///{tmp_path / 'pools.db'}"
+    ok(rp(url, "db", "upgrade"))
+    ok(runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "h"),
+                           "--components", "3", "--no-calibrate", "--version", "1"]))
+    ok(rp(url, "models", "register", str(tmp_path / "h"), "--activate"))
+    bad = rp(url, "pools", "register", "p", "--head-set", "drm@1", "--embeddings", str(tmp_path / "nan"))
+    assert bad.exit_code == 2 and bad.output.startswith("error: --embeddings: ") and "NaN" in bad.output
+    assert "registered pool 'p'" in ok(rp(url, "pools", "register", "p", "--head-set", "drm@1", "--embeddings",
+                                          str(tmp_path / "emb")))
+
+
 def test_serve_against_a_missing_database_is_one_line_and_port_host_reach_the_config(
         tmp_path: Path, headset_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     down = runner.invoke(app, ["serve", "--database-url", "postgresql://rp:pw@127.0.0.1:1/none"])

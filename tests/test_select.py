@@ -193,6 +193,12 @@ def test_cli_selects_pairs_to_ask_and_evaluates_selection(tmp_path):
     out = runner.invoke(app, ["adapt", "--heads", heads, "--pool", str(tmp_path / "emb"), "--select", "3",
                               "--select-method", "best", "--out", str(tmp_path / "x.json")])
     assert out.exit_code == 2 and "--select-method: unknown method 'best'" in out.output
+    data.chosen[3, 2] = np.nan  # a pool whose features hold a NaN: one line naming --pool, nothing written
+    write_embedding_folder(tmp_path / "nan", data)
+    out = runner.invoke(app, ["adapt", "--heads", heads, "--pool", str(tmp_path / "nan"), "--select", "3",
+                              "--out", str(tmp_path / "nan.json")])
+    assert out.exit_code == 2 and "--pool: candidate head scores hold NaN" in out.output
+    assert not (tmp_path / "nan.json").exists()
     out = runner.invoke(app, ["evaluate", "--embeddings", str(tmp_path / "emb"), "--heads", heads, "--n", "5",
                               "--seeds", "2", "--select", "information", "--no-baselines",
                               "--out", str(tmp_path / "report.md")])

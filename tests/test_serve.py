@@ -275,6 +275,8 @@ def test_queries_among_sent_responses_and_feedback_citing_them(service, backbone
         wrong = {**answer, "query_id": other["query_id"]}  # cites a question about another pair
         refused = http.post(f"/v1/users/{user}/feedback", json={"pairs": [wrong]})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "pairs", 0, "query_id"]
+        twice = http.post(f"/v1/users/{user}/feedback", json={"pairs": [answer, answer]})
+        assert twice.status_code == 422 and twice.json()["detail"][0]["loc"] == ["body", "pairs", 1, "query_id"]
         second = http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": responses, "k": 2}).json()
         labelled = [{"prompt": prompt, "chosen": query["b"], "rejected": query["a"]}]
         assert second["labelled"] == 1
@@ -284,6 +286,10 @@ def test_queries_among_sent_responses_and_feedback_citing_them(service, backbone
         assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "k"]
         both = http.post(f"/v1/users/{user}/queries", json={"pool": "x", "prompt": prompt, "responses": responses})
         assert both.status_code == 422
+        over = http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": ["r"] * 17})
+        assert over.status_code == 422 and over.json()["detail"][0]["loc"] == ["body", "responses"]  # the live cap
+        twice = http.post(f"/v1/users/{user}/queries", json={"prompt": prompt, "responses": ["x", "y", "x"]})
+        assert twice.status_code == 422 and "responses[2] repeats responses[0]" in twice.text
         unknown = http.post(f"/v1/users/{user}/queries", json={"pool": "nope"})
         assert unknown.status_code == 404 and "no pool named 'nope'" in unknown.text
     with service.client(service.keys.scorer) as http:  # asking is part of the feedback loop

@@ -107,3 +107,16 @@ def test_settings_from_env_name_the_variable_and_hide_the_url():
     strong = ServeSettings.from_env({"REWARDPRISM_ADMIN_KEY": "k" * 40})
     assert "k" * 40 not in repr(strong) and strong.live({"auth_cache_s": 1}).admin_key == strong.admin_key
     assert settings.live({"unknown_user": "404"}).unknown_user == "404"
+
+
+def test_a_query_id_has_one_spelling():
+    """"pool:01:7" named pool 1's pair 7 when checked, but the user's answered pairs of pool 1 are found by the
+    prefix "pool:1:": that pair would be asked again."""
+    from pydantic import ValidationError
+
+    from serve_apps.schemas import PairIn
+
+    assert PairIn(prompt="p", chosen="a", rejected="b", query_id="pool:10:0").query_id == "pool:10:0"
+    for bad in ("pool:01:7", "pool:1:07", "pool:1:x"):
+        with pytest.raises(ValidationError, match="query_id"):
+            PairIn(prompt="p", chosen="a", rejected="b", query_id=bad)

@@ -41,6 +41,7 @@ from rewardprism.store import (
     StoreSettings,
     UserDisabled,
     activate_head_set,
+    answered_positions,
     append_feedback_and_update_profile,
     commit_with_retry,
     create_api_key,
@@ -50,6 +51,7 @@ from rewardprism.store import (
     get_head_set,
     get_or_create_user,
     get_profile,
+    get_query_pool,
     get_user,
     import_user,
     list_feedback,
@@ -58,8 +60,10 @@ from rewardprism.store import (
     make_engine,
     make_sessions,
     migrate,
+    pool_pairs,
     record_audit,
     register_head_set,
+    register_query_pool,
     revoke_api_key,
     safe_url,
     save_profile,
@@ -674,6 +678,39 @@ def test_one_active_version_per_head_set_name(seeded: Store) -> None:
     # The database itself refuses a second active version, whatever the code does.
     with pytest.raises(sa.exc.IntegrityError), seeded.sessions.begin() as s:
         s.execute(sa.update(HeadSetRow).values(active=True))
+
+
+def test_a_query_id_beyond_32_bits_names_no_pool_pair(seeded: Store) -> None:
+    """Feedback may cite pool:<id>:<position> with up to 10 digits each: Postgres refused one past 2³¹ (a 500)."""
+    with seeded.sessions.begin() as s:
+        pool = register_query_pool(s, get_head_set(s, "drm-test"), "p", [("q", "a", "b")], np.ones((1, len(HEADS))))
+        pool_id = pool.id
+    with seeded.sessions() as s:
+        assert list(pool_pairs(s, pool_id, [0])) == [0]
+        assert pool_pairs(s, 9_999_999_999, [0]) == {} and pool_pairs(s, pool_id, [9_999_999_999, 0]).keys() == {0}
+
+
+def test_an_import_refuses_a_query_id_the_service_never_hands_out(seeded: Store) -> None:
+    """Feedback citing "pool:1:x" once imported made every query on pool 1 fail parsing it (a 500)."""
+    for bad in ("pool:1:x", "pool:1:2:3", "resp:xyz", "whatever", "pool:01:7"):  # 01: not found as pool 1's
+        export = {**EXPORT, "profile": None, "feedback": [{"prompt": "p", "chosen": "c", "rejected": "r",
+                                                           "source": "api", "query_id": bad,
+                                                           "created_at": "2025-06-01T12:30:00+00:00"}]}
+        with seeded.sessions() as s, pytest.raises(InvalidInput, match=r"feedback\[0\]: query_id"):
+            import_user(s, export)
+
+
+def test_answered_positions_ignore_an_imported_citation_past_the_pool(seeded: Store) -> None:
+    """Feedback imported from another database may cite a position this pool lacks: the service indexed its
+    mask of asked pairs with it (IndexError, a 500 on every query of that user on the pool)."""
+    with seeded.sessions.begin() as s:
+        pool = register_query_pool(s, get_head_set(s, "drm-test"), "p", [("q", "a", "b")], np.ones((1, len(HEADS))))
+        cited = [{"prompt": "q", "chosen": "a", "rejected": "b", "source": "api", "query_id": f"pool:{pool.id}:{i}",
+                  "created_at": "2025-06-01T12:30:00+00:00"} for i in (0, 7)]
+        import_user(s, {**EXPORT, "profile": None, "feedback": cited})
+    with seeded.sessions() as s:
+        pool = get_query_pool(s, get_head_set(s, "drm-test"), "p")
+        assert answered_positions(s, get_user(s, "bob"), pool) == {0}
 
 
 # ---------------------------------------------------------------------------------------------- API keys

@@ -167,7 +167,10 @@ def _select(head_set, chosen: np.ndarray, rejected: np.ndarray, pool: Path, k: i
                                center=head_set.hyperprior_center)
     except ValueError as exc:
         fail(f"--embeddings: {exc}")
-    picks = select_pairs(gaps, belief, k, method, seed=0)
+    try:
+        picks = select_pairs(gaps, belief, k, method, seed=0)
+    except ValueError as exc:  # the pool's features hold NaN or inf
+        fail(f"--pool: {exc}")
     asked = [{"pool_index": int(i), "prompt": texts[i][0], "a": texts[i][1], "b": texts[i][2]} for i in picks]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asked, indent=1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
 from rewardprism.cli_store import _audit, _connect, _fail, _table, _transaction, _when
@@ -55,6 +56,8 @@ def pools_register(
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"--embeddings: {exc}")
     texts, gaps = unlabelled_pool(heads, chosen[:limit], rejected[:limit], pairs[:limit], seed)
+    if not np.isfinite(gaps.astype(np.float32)).all():  # as the store stores them
+        _fail(f"--embeddings: the head scores of {embeddings}'s pairs hold NaN or inf (or values beyond float32)")
     with _transaction(ctx) as session:
         pool = register_query_pool(session, get_head_set(session, head_name, version), name, texts, gaps,
                                    limits=ctx.obj.settings.limits)

@@ -21,6 +21,7 @@ from rewardprism.store.models import HEAD_SET_NAME_MAX, Feedback, HeadSetRow, Qu
 from rewardprism.store.profiles import _prompt
 
 MAX_POOL_PAIRS = 1_000_000
+MAX_ID = 2**31 - 1  # pool ids and positions are 32-bit columns: a larger one names no row (and Postgres refuses it)
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 POOL_QUERY = re.compile(r"^pool:(\d{1,10}):(\d{1,10})$")
 
@@ -85,16 +86,20 @@ def pool_gaps(session: Session, pool_id: int, num_heads: int) -> np.ndarray:
 
 def pool_pairs(session: Session, pool_id: int, positions: Sequence[int]) -> dict[int, QueryPoolPair]:
     """The pool's pairs at `positions`, by position."""
+    positions = [int(p) for p in positions if 0 <= int(p) <= MAX_ID]
+    if not 0 <= pool_id <= MAX_ID:
+        return {}
     rows = session.scalars(sa.select(QueryPoolPair).where((QueryPoolPair.pool_id == pool_id)
-                                                          & QueryPoolPair.position.in_([int(p) for p in positions])))
+                                                          & QueryPoolPair.position.in_(positions)))
     return {row.position: row for row in rows}
 
 
-def answered_positions(session: Session, user: User | None, pool_id: int) -> set[int]:
-    """Positions of the pool's pairs this user has already labelled (feedback citing their query ids)."""
+def answered_positions(session: Session, user: User | None, pool: QueryPool) -> set[int]:
+    """Positions of the pool's pairs this user has already labelled (feedback citing their query ids); an
+    imported citation past the pool's end (another database's pool) is none of them."""
     if user is None:
         return set()
-    prefix = f"pool:{pool_id}:"
+    prefix = f"pool:{pool.id}:"
     cited = session.scalars(sa.select(Feedback.query_id).where((Feedback.user_id == user.id)
                                                                & Feedback.query_id.startswith(prefix)))
-    return {int(q[len(prefix):]) for q in cited}
+    return {position for q in cited if (position := int(q[len(prefix):])) < pool.size}

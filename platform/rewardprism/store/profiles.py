@@ -1,6 +1,7 @@
 """Profiles and feedback: a user's weights over one head-set version, and the pairs they were adapted from."""
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from rewardprism.store.models import (
     User,
 )
 from rewardprism.store.users import get_user
+
+QUERY_ID = re.compile(r"(pool:(0|[1-9][0-9]{0,9}):(0|[1-9][0-9]{0,9})|resp:[0-9a-f]{40})\Z")  # as schemas.QueryId
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,16 @@ def feedback_row(pair: FeedbackPair, limits: Limits) -> Feedback:
         chosen=checks.text(pair.chosen, "chosen", limits.max_text_chars),
         rejected=checks.text(pair.rejected, "rejected", limits.max_text_chars),
         source=checks.text(pair.source, "source", SOURCE_MAX, empty_ok=False),
-        query_id=None if pair.query_id is None else checks.text(pair.query_id, "query_id", QUERY_ID_MAX,
-                                                                empty_ok=False),
+        query_id=None if pair.query_id is None else _query_id(pair.query_id),
     )
+
+
+def _query_id(value: str) -> str:
+    """A query id as the service hands them out (an import may carry anything): answered pools parse it."""
+    value = checks.text(value, "query_id", QUERY_ID_MAX, empty_ok=False)
+    if not QUERY_ID.match(value):
+        raise InvalidInput(f"query_id {value!r} must be pool:<id>:<position> or resp:<40 hex digits>")
+    return value
 
 
 def check_feedback_pair(pair: FeedbackPair, limits: Limits = DEFAULT_LIMITS) -> None:
