@@ -145,7 +145,7 @@ def main() -> None:
     body = "\n".join([
         (f"CPU time per query in process, one BLAS and one torch thread (load average {load:.1f} on "
          f"{os.cpu_count()} cores at the start): choosing k pairs of the pool by information, and the margin "
-         "baseline. Strengths kept: those of the ladder with posterior probability above 1e-6 (all 15 here)."), "",
+         "baseline. Strengths kept: those of the ladder with posterior probability above 1e-6."), "",
         *table, "",
         (f"`POST /v1/users/{{id}}/queries` over HTTP on loopback, a registered pool of {args.http_pool:,} pairs × 100 "
          f"heads, one query at a time (load average {os.getloadavg()[0]:.1f} at the end):"), "", *http])
