@@ -623,6 +623,14 @@ class ScoringService:
         """
         self.authorize(caller, "feedback", user)
         served = self.heads()
+        if request.responses is not None:  # before any database call or forward pass
+            if len(request.responses) > self.settings.max_responses:  # as a score request: one forward pass each
+                raise ApiError(422, f"at most {self.settings.max_responses} responses per request, "
+                                    f"got {len(request.responses)}", ["responses"])
+            first = {}
+            for i, response in enumerate(request.responses):
+                if first.setdefault(response, i) != i:  # a pair of one response twice asks nothing
+                    raise ApiError(422, f"responses[{i}] repeats responses[{first[response]}]", [f"responses[{i}]"])
         state = await self.read(self._query_state, user, served, request.pool)
         history = [FeedbackPair(*pair) for pair in state.history]
         known = await self._pair_scores(served, history, reject=False)
@@ -637,13 +645,6 @@ class ScoringService:
             exclude = np.zeros(len(gaps), bool)
             exclude[sorted(state.answered)] = True
         else:
-            if len(request.responses) > self.settings.max_responses:  # as a score request: one forward pass each
-                raise ApiError(422, f"at most {self.settings.max_responses} responses per request, "
-                                    f"got {len(request.responses)}", ["responses"])
-            first = {}
-            for i, response in enumerate(request.responses):
-                if first.setdefault(response, i) != i:  # a pair of one response twice asks nothing
-                    raise ApiError(422, f"responses[{i}] repeats responses[{first[response]}]", [f"responses[{i}]"])
             items = [(request.conversation, r) for r in request.responses]
             result = await self.embed(served.ref, ScoreJob(items, served.heads.default_weights, 0.0,
                                                            self.settings.over_length == "reject"))

@@ -42,7 +42,7 @@ class ServeSettings(BaseModel):
     batch_wait_s: float | None = Field(None, ge=0, le=1, description="how long a batch waits for more requests; "
                                        "unset: a tenth of what the last batch took")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="larger bodies get 413")
-    max_responses: int = Field(64, ge=1, le=1024, description="responses per score request; more get 422")
+    max_responses: int = Field(64, ge=1, le=1024, description="responses per score or query request; more get 422")
     unknown_user: Literal["default", "404"] = "default"
     adaptation: Literal["default", "hyre", "bt"] = "default"
     profile_cache_size: int = Field(100_000, ge=1)
