@@ -54,8 +54,10 @@ def test_information_matches_sampling_the_posterior():
     assert np.corrcoef(closed, sampled)[0, 1] > 0.98
 
 
-def test_a_batch_equals_asking_one_pair_at_a_time_with_its_fisher_term_added():
-    """The greedy batch's Sherman–Morrison updates are exactly a re-derived posterior after each pick."""
+def test_a_batch_equals_asking_one_pair_at_a_time_with_the_believed_answer():
+    """The greedy batch's in-place updates are exactly a posterior re-derived after each pick, as if the pair had
+    been answered the way the posterior expected: its Fisher term added, each strength's mean moved one Newton step
+    towards that answer, each strength weighed by how well it predicted it."""
     posterior = belief()
     pool = np.random.default_rng(4).standard_normal((300, HEADS))
     batch = select_pairs(pool, posterior, 4)
@@ -66,10 +68,16 @@ def test_a_batch_equals_asking_one_pair_at_a_time_with_its_fisher_term_added():
         taken[pick] = True
         x = pool[pick]
         covariances = [np.linalg.inv(l2 * np.eye(HEADS) + current.fisher) for l2 in current.precisions]
-        variance = np.array([[x @ c @ x for c in covariances]])
-        _, fisher = _label_information((current.means @ x)[None], variance, current.probabilities)
-        current = Posterior(current.probabilities, current.means, current.precisions,
-                            current.fisher + fisher[0] * np.outer(x, x))
+        variance = np.array([x @ c @ x for c in covariances])
+        margin = current.means @ x
+        _, fisher = _label_information(margin[None], variance[None], current.probabilities)
+        predicted = 1 / (1 + np.exp(-margin / np.sqrt(1 + np.pi / 8 * variance)))
+        believed = float(current.probabilities @ predicted >= 0.5)
+        probabilities = current.probabilities * (predicted if believed else 1 - predicted)
+        fisher_after = current.fisher + fisher[0] * np.outer(x, x)
+        means = np.array([w + np.linalg.inv(l2 * np.eye(HEADS) + fisher_after) @ x * (believed - 1 / (1 + np.exp(-m)))
+                          for w, l2, m in zip(current.means, current.precisions, margin)])
+        current = Posterior(probabilities / probabilities.sum(), means, current.precisions, fisher_after)
 
 
 def test_information_never_asks_a_copy_of_a_pair_it_already_chose():
@@ -79,6 +87,24 @@ def test_information_never_asks_a_copy_of_a_pair_it_already_chose():
     with_copies = np.vstack([pool, np.repeat(pool[best][None], 5, 0)])  # five copies of the best pair
     picks = select_pairs(with_copies, posterior, 3)
     assert len({tuple(with_copies[i]) for i in picks}) == 3
+
+
+def test_a_batch_asks_no_near_copies_under_a_real_posterior():
+    """With the default method's own posterior (a strong prior, where one label barely moves it), the model would
+    ask a pair that separates the strengths again and again; a batch asks one of its near-copies, unless only
+    copies are left."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        chosen, rejected = rng.standard_normal((1, 8, HEADS)), rng.standard_normal((1, 8, HEADS))
+        pool = rng.standard_normal((50, HEADS))
+        (posterior,) = posteriors(chosen, rejected, np.eye(HEADS)[0], pool_gaps=[pool])
+        best = pool[select_pairs(pool, posterior, 1)[0]]
+        with_copies = np.vstack([pool, best, -best, best * 1.001])  # the same comparison, either way round
+        picks = select_pairs(with_copies, posterior, 5)
+        directions = with_copies[picks] / np.linalg.norm(with_copies[picks], axis=1, keepdims=True)
+        assert (np.abs(directions @ directions.T) - np.eye(5) < 0.99).all(), seed
+    only_copies = np.repeat(best[None], 3, 0)
+    assert sorted(select_pairs(only_copies, posterior, 3)) == [0, 1, 2]
 
 
 def test_posterior_mean_is_the_profile_the_default_method_serves():

@@ -13,8 +13,9 @@ does not matter to any criterion):
   strength it prefers pairs the posterior is unsure of along directions the labels have not pinned down; across
   strengths it prefers pairs on which a user who agrees with the population and one who does not would answer
   differently, which is what decides how far a profile may move. A batch of k is chosen greedily: after each
-  pick, that pair's expected Fisher term joins F (the label's value is not needed), so a near-copy of a pick
-  gains almost nothing and is not asked twice.
+  pick the posterior is updated as if the pair were answered as it expects (its Fisher term, a Newton step of
+  each mean, each strength weighed by its prediction), so a near-copy of a pick gains almost nothing and is not
+  asked twice.
 - `uncertainty`: the smallest |μ·x|, the pairs the current profile is least sure how to order (a baseline: it
   ignores what the labels already determine, and asks near-copies).
 - `random`: the protocol's uniform sample (a baseline).
@@ -120,13 +121,17 @@ def select_pairs(gaps: np.ndarray, posterior: Posterior, k: int, method: SelectM
 
 
 def _greedy_information(gaps: np.ndarray, posterior: Posterior, k: int, allowed: np.ndarray) -> np.ndarray:
-    """Greedy batch by mutual information; after each pick, that pair's expected Fisher term joins every component.
+    """Greedy batch by mutual information: after each pick, the posterior is updated as if the pair had been
+    answered the way the posterior itself expects (a "believer" update), so that the next pick asks something else.
 
     Per component g the score a = w·x is N(m_g, s_g²), m_g = means[g]·x, s_g² = xᵀΣ_g x. With the fisher matrix's
     eigenvectors Q (eigenvalues λ), s_g² = Σⱼ (Qᵀx)ⱼ² / (l2_g + λⱼ): one (N, H) × (H, H) product for all g.
-    Adding x* with weight c* makes Σ_g' = Σ_g − c* Σ_g x*x*ᵀΣ_g / (1 + c* s_g*²), so each candidate's s_g² drops
-    by c* (xᵀΣ_g x*)² / (1 + c* s_g*²): one (N, H) × (H, G) product per pick. Means do not move: the answer is not
-    known yet.
+    The believed answer ŷ to x* is the more likely one under the mixture. Its expected Fisher term c* joins every
+    component: Σ_g' = Σ_g − c* Σ_g x*x*ᵀΣ_g / (1 + c* s_g*²), so each candidate's s_g² drops by
+    c* (xᵀΣ_g x*)² / (1 + c* s_g*²); each mean takes one Newton step towards ŷ, Σ_g' x* (ŷ − σ(m_g*)); and each
+    strength's probability is weighed by how well it predicted ŷ. Without the last two, the information about
+    which strength is right is never used up, and a batch asks copies of a pair that separates the strengths.
+    One (N, H) × (H, G) product per pick.
     """
     eigenvalues, eigenvectors = np.linalg.eigh(posterior.fisher)
     eigenvalues = np.maximum(eigenvalues, 0.0)
@@ -134,25 +139,52 @@ def _greedy_information(gaps: np.ndarray, posterior: Posterior, k: int, allowed:
     pool = gaps.astype(np.float32)  # the pool-sized work in float32: twice as fast, ample for a ranking
     variance = ((pool @ eigenvectors.astype(np.float32)) ** 2) @ inverse.astype(np.float32)  # (N, G)
     margin = pool @ posterior.means.T.astype(np.float32)  # (N, G)
+    probabilities = posterior.probabilities
     covariances = None  # (G, H, H), built at the first pick that needs them
-    allowed = allowed.copy()
+    unused, fresh = allowed.copy(), allowed.copy()  # fresh: not a near-copy of a pick (copies only when none is)
     picks = []
     for _ in range(k):
-        information, fisher = _label_information(margin, variance, posterior.probabilities)
-        best = int(np.argmax(np.where(allowed, information, -np.inf)))
+        information, fisher = _label_information(margin, variance, probabilities)
+        best = int(np.argmax(np.where(fresh if fresh.any() else unused, information, -np.inf)))
         picks.append(best)
-        allowed[best] = False
+        unused[best] = False
+        fresh &= ~_near_copies(pool, best)
         if len(picks) == k:
             break
         if covariances is None:
             covariances = np.einsum("hj,jg,kj->ghk", eigenvectors, inverse, eigenvectors)
+        m, v = margin[best].astype(np.float64), variance[best].astype(np.float64)  # (G,) each
+        predicted = 1.0 / (1.0 + np.exp(-m / np.sqrt(1.0 + _PROBIT * v)))  # P(a preferred) per strength
+        believed = float(probabilities @ predicted >= 0.5)
+        probabilities = probabilities * (predicted if believed else 1.0 - predicted)
+        probabilities = probabilities / probabilities.sum()
         directions = covariances @ gaps[best]  # (G, H) Σ_g x*
-        denominators = 1.0 + fisher[best] * variance[best]  # (G,)
+        denominators = 1.0 + fisher[best] * v  # (G,)
         cross = pool @ directions.T.astype(np.float32)  # (N, G) xᵀΣ_g x*
+        step = (believed - 1.0 / (1.0 + np.exp(-m))) / denominators  # (G,) Newton step along Σ_g' x*
+        margin = margin + cross * step.astype(np.float32)
         variance = np.maximum(variance - (fisher[best] / denominators).astype(np.float32) * cross ** 2, 0.0)
         covariances = covariances - fisher[best] * np.einsum("gh,gk->ghk", directions, directions) \
             / denominators[:, None, None]
     return np.array(picks)
+
+
+NEAR_COPY = 0.99  # cosine between two pairs' gaps above which a batch asks only one of them
+
+
+def _near_copies(pool: np.ndarray, index: int) -> np.ndarray:
+    """(N,) the pairs whose gaps point the way pool[index]'s does (cosine ≥ NEAR_COPY), itself included.
+
+    A user answers the same comparison the same way, so a second copy in one batch teaches nothing: the model's
+    independent Bradley-Terry labels would count it again, and in a strong prior one label moves the posterior too
+    little for that to stop it. A pair pointing the opposite way is the same comparison too.
+    """
+    target = pool[index]
+    norms = np.linalg.norm(pool, axis=1) * np.linalg.norm(target)
+    cosine = np.abs(pool @ target) / np.where(norms > 0, norms, 1.0)
+    copies = cosine >= NEAR_COPY
+    copies[index] = True
+    return copies
 
 
 _PROBIT = np.pi / 8  # σ(a) ≈ Φ(√(π/8)·a): the logistic as a probit, so that Gaussian averages have closed forms
