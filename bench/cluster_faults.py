@@ -71,6 +71,16 @@ class TestCluster:
         self.cluster.remove_node(node, allow_graceful=False)
         return went
 
+    def fail(self, node_id: str, replace_after_s: float) -> tuple[float, float | None]:
+        """Kill `node_id`, and add a fresh worker node `replace_after_s` later (never when negative): the times
+        the node went and its replacement came (None)."""
+        went = self.remove(node_id)
+        if replace_after_s < 0:
+            return went, None
+        time.sleep(replace_after_s)
+        self.add()
+        return went, time.time()
+
     def close(self) -> None:
         ray.shutdown()
         self.cluster.shutdown()
@@ -143,10 +153,7 @@ def train(out: Path, *, fault: bool, epochs: int, per_user: int, checkpoint_ever
             wait_for(lambda: all((out / f"held.{r}").exists() for r in (0, 1)), f"both ranks at step {hold_step}")
             wait_for((config.run_dir / "checkpoint_manager_snapshot.json").exists,
                      f"the step-{checkpoint_every} checkpoint registered")
-            fault_at = cluster.remove((out / "held.0").read_text())
-            time.sleep(replace_after_s)
-            cluster.add()
-            replaced_at = time.time()
+            fault_at, replaced_at = cluster.fail((out / "held.0").read_text(), replace_after_s)
         thread.join()
         if errors:
             raise errors[0]
@@ -209,11 +216,7 @@ def embed(out: Path, *, fault: bool, per_user: int, shard_size: int, shards_per_
 
             wait_for(lambda: written() >= fault_after, f"{fault_after} shards written", every=0.05)
             written_at_fault = written()
-            fault_at = cluster.remove(cluster.nodes[0].node_id)
-            if replace_after_s >= 0:
-                time.sleep(replace_after_s)
-                cluster.add()
-                replaced_at = time.time()
+            fault_at, replaced_at = cluster.fail(cluster.nodes[0].node_id, replace_after_s)
         thread.join()
         if errors:
             raise errors[0]
@@ -414,11 +417,7 @@ def tune(out: Path, *, fault: bool, epochs: int, per_user: int, replace_after_s:
                     "a checkpoint of both trials' Train runs", every=0.05)
                 if proc.poll() is not None:
                     raise RuntimeError(f"sweep_vrm.py exited early: {(out / 'sweep.log').read_text()[-3000:]}")
-                fault_at = cluster.remove(cluster.nodes[0].node_id)
-                if replace_after_s >= 0:
-                    time.sleep(replace_after_s)
-                    cluster.add()
-                    replaced_at = time.time()
+                fault_at, replaced_at = cluster.fail(cluster.nodes[0].node_id, replace_after_s)
             code = proc.wait(timeout=900)
         done = time.time()
     finally:
