@@ -429,3 +429,16 @@ def test_train_drm_recipe_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     usage = subprocess.run([sys.executable, "train_drm.py", "--help"], check=False, cwd=root, capture_output=True,
                            text=True)
     assert usage.returncode == 0 and "Embed a dataset, decompose" in usage.stdout and "--override" in usage.stdout
+
+
+def test_gap_shares_of_a_gap_under_half_a_point_are_not_reported():
+    """A share of a near-zero gap is noise (HH-RLHF: ±45 of a 0.1-point gap): none is printed below MIN_GAP."""
+    from rewardprism.evaluate import MIN_GAP, _gap_recovered
+
+    def rows(ceiling: float) -> list[dict]:
+        accuracies = {"population profile (no feedback)": 0.70, "supervised BT head, all 80 training pairs": ceiling,
+                      "default (hierarchical BT) n=15": 0.701}
+        return [{"label": label, "honest": {"overall": (value, 0.0)}} for label, value in accuracies.items()]
+
+    assert _gap_recovered(rows(0.70 + MIN_GAP / 2)) == {}
+    assert _gap_recovered(rows(0.70 + 2 * MIN_GAP))["default (hierarchical BT) n=15"] == pytest.approx(0.1)
