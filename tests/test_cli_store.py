@@ -288,6 +288,8 @@ def test_pools_register_refuses_features_holding_nan_naming_the_option(tmp_path:
     ok(runner.invoke(app, ["decompose", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "h"),
                            "--components", "3", "--no-calibrate", "--version", "1"]))
     ok(rp(url, "models", "register", str(tmp_path / "h"), "--activate"))
+    named = rp(url, "pools", "register", "bad name", "--head-set", "drm@1", "--embeddings", str(tmp_path / "none"))
+    assert named.exit_code == 2 and named.output.startswith("error: NAME: pool name 'bad name' must be"), named.output
     bad = rp(url, "pools", "register", "p", "--head-set", "drm@1", "--embeddings", str(tmp_path / "nan"))
     assert bad.exit_code == 2 and bad.output.startswith("error: --embeddings: ") and "NaN" in bad.output
     assert "registered pool 'p'" in ok(rp(url, "pools", "register", "p", "--head-set", "drm@1", "--embeddings",

@@ -12,7 +12,8 @@ import numpy as np
 import typer
 
 from rewardprism.cli_store import _audit, _connect, _fail, _table, _transaction, _when
-from rewardprism.store import get_head_set, list_query_pools, register_query_pool
+from rewardprism.store import InvalidInput, get_head_set, list_query_pools, register_query_pool
+from rewardprism.store.pools import checked_pool_name
 
 pools_app = typer.Typer(help="Pools of candidate pairs to ask users about (active selection).",
                         no_args_is_help=True)
@@ -40,6 +41,10 @@ def pools_register(
     from rewardprism.heads import HeadSet
     from rewardprism.select import unlabelled_pool
 
+    try:
+        checked_pool_name(name)  # before the head set and every embedding are read
+    except InvalidInput as exc:
+        _fail(f"NAME: {exc}")
     head_name, version = _head_set_ref(head_set)
     with _transaction(ctx) as session:
         row = get_head_set(session, head_name, version)

@@ -30,14 +30,20 @@ def pool_query_id(pool_id: int, position: int) -> str:
     return f"pool:{pool_id}:{position}"
 
 
-def register_query_pool(session: Session, head_set: HeadSetRow, name: str,
-                        pairs: Sequence[tuple[str | list[dict[str, str]], str, str]], gaps: np.ndarray, *,
-                        limits: Limits = DEFAULT_LIMITS) -> QueryPool:
-    """Store `pairs` (prompt, response a, response b) with their head-score gaps s(a) − s(b), (N, num_heads)."""
+def checked_pool_name(name: object) -> str:
+    """`name` if it can name a pool (checked before any costly work), else InvalidInput saying why."""
     name = checks.text(name, "pool name", HEAD_SET_NAME_MAX, empty_ok=False)
     if not POOL_NAME.match(name):
         raise InvalidInput(f"pool name {name!r} must be letters, digits, '.', '_' or '-', starting with a letter "
                            "or digit")
+    return name
+
+
+def register_query_pool(session: Session, head_set: HeadSetRow, name: str,
+                        pairs: Sequence[tuple[str | list[dict[str, str]], str, str]], gaps: np.ndarray, *,
+                        limits: Limits = DEFAULT_LIMITS) -> QueryPool:
+    """Store `pairs` (prompt, response a, response b) with their head-score gaps s(a) − s(b), (N, num_heads)."""
+    name = checked_pool_name(name)
     gaps = np.asarray(gaps)
     if gaps.shape != (len(pairs), head_set.num_heads):
         raise InvalidInput(f"gaps must be (pairs, heads) = {(len(pairs), head_set.num_heads)}, got {gaps.shape}")
