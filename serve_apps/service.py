@@ -56,7 +56,7 @@ from rewardprism.scoring import (
     explain,
     preference_probability,
 )
-from rewardprism.select import posteriors, response_pairs, select_pairs
+from rewardprism.select import choose_pairs, response_pairs
 from rewardprism.store import Feedback, FeedbackPair, IdempotentRequest, ProfileUpdate, idempotency
 from rewardprism.store.rollout import STORED_METHOD
 from sqlalchemy.orm import Session
@@ -175,14 +175,6 @@ def response_query_id(prompt: Prompt, a: str, b: str) -> str:
     """The id of "which of a and b is better for this prompt", whichever way round it is asked or answered."""
     digest = hashlib.sha256(json.dumps([prompt, sorted([a, b])], sort_keys=True).encode()).hexdigest()
     return f"resp:{digest[:40]}"
-
-
-def choose_pairs(heads: HeadSet, scores: np.ndarray, gaps: np.ndarray, k: int, method: str,
-                 exclude: np.ndarray | None) -> np.ndarray:
-    """`select_pairs` under the default method's posterior from the user's (n, 2, H) labelled head scores."""
-    (belief,) = posteriors(scores[None, :, 0], scores[None, :, 1], heads.default_weights, pool_gaps=[gaps],
-                           center=heads.hyperprior_center)
-    return select_pairs(gaps, belief, k, method, exclude=exclude)
 
 
 def pair_key(prompt: Prompt, chosen: str, rejected: str) -> str:
@@ -654,7 +646,8 @@ class ScoringService:
         left = len(gaps) - (0 if exclude is None else int(exclude.sum()))
         if request.k > left:
             raise ApiError(422, f"k={request.k} but only {left} pairs are left to ask", ["k"])
-        picks = await asyncio.to_thread(choose_pairs, served.heads, scores, gaps, request.k, request.method, exclude)
+        picks = await asyncio.to_thread(choose_pairs, served.heads, scores[:, 0], scores[:, 1], gaps, request.k,
+                                        request.method, exclude)
         if state.pool_id is None:
             prompt = request.conversation
             queries = [schemas.Query(query_id=response_query_id(prompt, request.responses[a], request.responses[b]),

@@ -244,11 +244,11 @@ def test_concurrent_feedback_for_one_user_stores_every_pair_with_consistent_vers
 def expected_picks(backbone, heads: HeadSet, labelled: list[dict], gaps: np.ndarray, k: int,
                    exclude=None) -> list[int]:
     """The pairs the library chooses for a user with these labelled pairs (recomputed here, never copied)."""
-    from serve_apps.service import choose_pairs
+    from rewardprism.select import choose_pairs
 
     scores = np.array([[expected_head_scores(backbone, heads, p["prompt"], [p[side]])[0] for side in
                         ("chosen", "rejected")] for p in labelled]).reshape(len(labelled), 2, heads.num_heads)
-    return choose_pairs(heads, scores, gaps, k, "information", exclude).tolist()
+    return choose_pairs(heads, scores[:, 0], scores[:, 1], gaps, k, "information", exclude).tolist()
 
 
 def test_queries_among_sent_responses_and_feedback_citing_them(service, backbone, db):

@@ -212,6 +212,15 @@ def _label_information(margin: np.ndarray, variance: np.ndarray,
     return np.maximum(marginal - conditional, 0.0), fisher
 
 
+def choose_pairs(heads: HeadSet, chosen: np.ndarray, rejected: np.ndarray, gaps: np.ndarray, k: int,
+                 method: SelectMethod = "information", exclude: np.ndarray | None = None) -> np.ndarray:
+    """The k pairs of a pool (gaps (N, H)) to ask a user whose labelled pairs have these (n, H) head scores, under
+    the default method's posterior over `heads` (what the service answers a query with)."""
+    (belief,) = posteriors(chosen[None], rejected[None], heads.default_weights, pool_gaps=[gaps],
+                           center=heads.hyperprior_center)
+    return select_pairs(gaps, belief, k, method, exclude=exclude)
+
+
 def response_pairs(head_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every unordered pair (i < j) of R responses to one prompt: indices (P, 2) and gaps s_i − s_j (P, H)."""
     first, second = np.triu_indices(len(head_scores), k=1)
